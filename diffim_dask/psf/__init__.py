@@ -1,0 +1,25 @@
+"""PSF models and PSF estimation."""
+
+from .models import (
+    FWHM_PER_SIGMA,
+    GaussianPsf,
+    GridPsf,
+    ImagePsf,
+    MoffatPsf,
+    PolynomialPsf,
+    PsfModel,
+    fwhm_of_stamp,
+    psf_from_dict,
+)
+
+__all__ = [
+    "FWHM_PER_SIGMA",
+    "GaussianPsf",
+    "GridPsf",
+    "ImagePsf",
+    "MoffatPsf",
+    "PolynomialPsf",
+    "PsfModel",
+    "fwhm_of_stamp",
+    "psf_from_dict",
+]
