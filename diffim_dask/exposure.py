@@ -124,6 +124,17 @@ class VisitInfo:
         """Plain-data form (NaN kept as float NaN)."""
         return dataclasses.asdict(self)
 
+    def __eq__(self, other: object) -> bool:
+        # Unknown values are NaN; two unknowns compare equal.
+        if not isinstance(other, VisitInfo):
+            return NotImplemented
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            if a != b and not (isinstance(a, float) and isinstance(b, float)
+                               and math.isnan(a) and math.isnan(b)):
+                return False
+        return True
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VisitInfo":
         """Inverse of :meth:`to_dict`, ignoring unknown keys."""
