@@ -1,0 +1,218 @@
+"""Write a simulated survey to disk with Dask: the ``demo`` and ``simulate`` commands.
+
+Output layout under ``out``::
+
+    science.zarr/             ExposureStore, one group per visit/detector
+    templates/patch_<id>.fits template coadd patches (LSST-style multi-extension FITS)
+    truth/visit=<v>/detector=<d>.parquet   truth table of each science image
+    truth/templates.parquet   truth of the template patches
+    manifest.yaml             what was written, with the survey config
+    summary.json              per-image timings and counts
+
+Every image is one task: the worker simulates it and writes it, so the client
+never holds pixels. Writes are atomic (the store and the FITS writer publish
+complete files only), so a rerun after a crash rewrites only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigurationError
+
+__all__ = ["simulate_survey_to_disk", "run_simulate_command"]
+
+log = logging.getLogger(__name__)
+
+
+def _write_parquet_atomic(frame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _science_task(config_dict: dict[str, Any], visit: int, detector: int, out: str) -> dict[str, Any]:
+    """Simulate one science image and write it; runs on a worker."""
+    from ..io import ExposureStore
+    from ..simulate import Survey, SurveyConfig
+
+    start = time.perf_counter()
+    survey = Survey(SurveyConfig.from_dict(config_dict))
+    image = survey.simulate_visit(visit, detector)
+    simulated = time.perf_counter()
+    ExposureStore(Path(out) / "science.zarr").write(image.exposure, overwrite=True)
+    _write_parquet_atomic(image.truth, Path(out) / "truth" / f"visit={visit}" / f"detector={detector}.parquet")
+    kinds = image.truth["kind"].value_counts().to_dict()
+    return {
+        "kind": "science", "visit": visit, "detector": detector,
+        "psf_fwhm": round(float(image.exposure.psf.fwhm(*image.exposure.center)), 3),
+        "n_transients": int(kinds.get("transient", 0)), "n_variables": int(kinds.get("variable", 0)),
+        "n_moving": int(kinds.get("moving", 0)), "n_stars": int(kinds.get("star", 0)),
+        "simulate_s": round(simulated - start, 3), "write_s": round(time.perf_counter() - simulated, 3),
+    }
+
+
+def _template_task(config_dict: dict[str, Any], patch_id: int, out: str) -> dict[str, Any]:
+    """Simulate one template patch and write it as multi-extension FITS; runs on a worker."""
+    from ..io import write_exposure_fits
+    from ..simulate import Survey, SurveyConfig
+
+    start = time.perf_counter()
+    survey = Survey(SurveyConfig.from_dict(config_dict))
+    image = survey.simulate_template_patch(patch_id)
+    simulated = time.perf_counter()
+    path = Path(out) / "templates" / f"patch_{patch_id}.fits"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_exposure_fits(image.exposure, path, overwrite=True)
+    truth = image.truth.assign(patch=patch_id)
+    return {
+        "kind": "template", "patch": patch_id, "shape": list(image.exposure.shape),
+        "simulate_s": round(simulated - start, 3), "write_s": round(time.perf_counter() - simulated, 3),
+        "truth": truth,
+    }
+
+
+def simulate_survey_to_disk(config, out: Path, *, client=None, overwrite: bool = False,
+                            progress=None) -> dict[str, Any]:
+    """Simulate a survey and write it under ``out``.
+
+    Parameters
+    ----------
+    config : diffim_dask.simulate.SurveyConfig
+        The survey.
+    out : pathlib.Path
+        Output directory (created).
+    client : distributed.Client, optional
+        Run the per-image tasks on this client's cluster; without one they run
+        in this process, one after another.
+    overwrite : bool
+        Allow writing into a directory that already holds a simulated survey.
+    progress : callable, optional
+        Called as ``progress(done, total, record)`` after each image.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``out`` already holds a survey and ``overwrite`` is false.
+    """
+    from ..simulate import Survey
+
+    out = Path(out)
+    if (out / "manifest.yaml").exists() and not overwrite:
+        raise ConfigurationError(f"{out} already holds a simulated survey; pass --overwrite to replace it")
+    if overwrite:
+        for name in ("science.zarr", "templates", "truth"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    survey = Survey(config)
+    config_dict = config.to_dict()
+    patch_ids = sorted({p for visit, det in survey.visits for p in survey.patches_overlapping(visit, det)})
+    jobs = [(_science_task, (config_dict, v, d, str(out))) for v, d in survey.visits]
+    jobs += [(_template_task, (config_dict, p, str(out))) for p in patch_ids]
+
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    if client is None:
+        for func, args in jobs:
+            records.append(func(*args))
+            if progress:
+                progress(len(records), len(jobs), records[-1])
+    else:
+        from distributed import as_completed
+
+        futures = [client.submit(func, *args, pure=False) for func, args in jobs]
+        for future in as_completed(futures):
+            records.append(future.result())
+            if progress:
+                progress(len(records), len(jobs), records[-1])
+    wall = time.perf_counter() - start
+
+    import pandas as pd
+
+    template_truth = [r.pop("truth") for r in records if r["kind"] == "template"]
+    if template_truth:
+        _write_parquet_atomic(pd.concat(template_truth, ignore_index=True), out / "truth" / "templates.parquet")
+    science = sorted((r for r in records if r["kind"] == "science"), key=lambda r: (r["visit"], r["detector"]))
+    templates = sorted((r for r in records if r["kind"] == "template"), key=lambda r: r["patch"])
+    summary = {
+        "wall_s": round(wall, 3),
+        "n_science": len(science),
+        "n_templates": len(templates),
+        "n_transients": sum(r["n_transients"] for r in science),
+        "n_moving": sum(r["n_moving"] for r in science),
+        "science": science,
+        "templates": templates,
+    }
+    manifest = {
+        "survey": config_dict,
+        "science_store": "science.zarr",
+        "science": [{"visit": r["visit"], "detector": r["detector"], "band": config.band} for r in science],
+        "templates": [{"patch": r["patch"], "path": f"templates/patch_{r['patch']}.fits"} for r in templates],
+        "truth": "truth",
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], out: Path, dashboard: str | None) -> None:
+    print()
+    print(f"Simulated survey written to {out}/ in {summary['wall_s']:.1f} s"
+          + (f" (dashboard was {dashboard})" if dashboard else ""))
+    print(f"  science images : {summary['n_science']}  (science.zarr)")
+    print(f"  template patches: {summary['n_templates']}  (templates/*.fits)")
+    print(f"  transients     : {summary['n_transients']}, moving objects: {summary['n_moving']}"
+          f"  (truth/)")
+    print()
+    print("  visit detector  PSF FWHM  transients  variables  simulate  write")
+    for r in summary["science"]:
+        print(f"  {r['visit']:5d} {r['detector']:8d}  {r['psf_fwhm']:7.2f}px  {r['n_transients']:10d}"
+              f"  {r['n_variables']:9d}  {r['simulate_s']:6.2f}s  {r['write_s']:5.2f}s")
+
+
+def run_simulate_command(args, *, demo: bool) -> int:
+    """Implementation of ``diffim-dask demo`` and ``diffim-dask simulate``."""
+    from ..simulate import SurveyConfig
+
+    config = SurveyConfig(seed=args.seed, n_visits=args.visits, n_detectors=args.detectors,
+                          detector_shape=(args.size, args.size))
+    out = Path(args.out)
+    if demo and (out / "manifest.yaml").exists():
+        args.overwrite = True  # the demo is re-runnable in place
+    n_images = args.visits * args.detectors
+
+    def progress(done, total, record):
+        what = (f"visit {record['visit']} detector {record['detector']}" if record["kind"] == "science"
+                else f"template patch {record['patch']}")
+        print(f"[{done:3d}/{total}] {what} ({record['simulate_s']:.2f} s)", flush=True)
+
+    print(f"Simulating {n_images} science images ({args.visits} visits x {args.detectors} detectors, "
+          f"{args.size}x{args.size} px) and their template patches on a local Dask cluster "
+          f"with {args.workers} workers ...", flush=True)
+    from distributed import Client, LocalCluster
+
+    # distributed configures its loggers at INFO on import; a CLI user wants warnings only.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        summary = simulate_survey_to_disk(config, out, client=client, overwrite=args.overwrite,
+                                          progress=progress)
+        dashboard = client.dashboard_link
+    _print_summary(summary, out, dashboard)
+    return 0
