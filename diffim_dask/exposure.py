@@ -23,12 +23,13 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import BadInputDataError
 from .masks import MASK_DTYPE, MASK_PLANES
@@ -155,7 +156,11 @@ def _wcs_to_header_string(wcs: WCS | None) -> str:
 def _wcs_from_header_string(text: str) -> WCS | None:
     if not text:
         return None
-    return WCS(fits.Header.fromstring(text), relax=True)
+    # Foreign headers may trigger astropy's informational FITSFixedWarning (e.g. DATE-OBS
+    # without MJD-OBS); the fix-ups it reports do not change the celestial mapping.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(fits.Header.fromstring(text), relax=True)
 
 
 def _as_array(data, dtype):

@@ -1,12 +1,15 @@
 """FITS input and output of exposures and PSF models.
 
-Reading: :func:`read_exposure` recognises three layouts
-------------------------------------------------------
+Reading
+-------
+:func:`read_exposure` recognises three layouts.
+
 ``mef``
     LSST-style multi-extension FITS with ``IMAGE``, ``MASK`` and ``VARIANCE``
     image HDUs (what :func:`write_exposure_fits` writes; LSST ``calexp`` files
     have the same shape). The parent-frame origin comes from ``LTV1/LTV2``
-    (``x0 = -LTV1``), the mask bits from its ``MP_*`` cards. Files we wrote also
+    (``x0 = -LTV1``), the mask bits from its ``MP_*`` cards (without them,
+    nonzero → ``BAD``). Files we wrote also
     carry lossless JSON metadata in the primary header and a ``PSF`` table.
 ``jwst``
     ``SCI`` (image), ``ERR`` (1σ, variance = ERR²; without it
@@ -20,18 +23,21 @@ Reading: :func:`read_exposure` recognises three layouts
     (0, 0): ``LTV`` cards of foreign files are ignored (the DECam test frames
     carry a stale ``LTV1 = -1`` from an earlier trim).
 
-Plain images are converted as follows.
+Pixels are converted as follows.
 
-* NaN, ±inf and fill values (``|v| ≥ 1e30``) → ``NO_DATA``.
-* Pixels at or above the header saturation level (``ESATUR``/``SATURATE``…,
-  see :mod:`~diffim_dask.io._headers`) → ``SAT``.
-* Companion ``mask=``: a mask with ``MP_*`` cards keeps its planes by name;
-  any other mask (boolean or integer) sets ``BAD`` where nonzero. The bits
-  are OR-ed into the mask found so far.
+* NaN, ±inf and fill values (``|v| ≥ 1e30``) → ``NO_DATA`` (all layouts).
+* Plain images: pixels at or above the header saturation level
+  (``ESATUR``/``SATURATE``…, see :mod:`~diffim_dask.io._headers`) → ``SAT``.
+* Companion ``mask=`` (any layout): an integer mask with ``MP_*`` cards keeps
+  its planes by name; any other mask (boolean, float or an undocumented
+  integer bit mask) sets ``BAD`` where nonzero. The bits are OR-ed into the
+  mask found so far.
 * Companion ``variance=`` (counts²), ``weight=`` (inverse variance) or
-  ``noise=`` (1σ, counts): at most one. Pixels where it is non-finite or not
-  positive (zero weight) become ``NO_DATA``.
-* Without a noise companion the variance is modelled
+  ``noise=`` (1σ, counts), at most one (any layout, replacing the file's
+  variance). Pixels where it is non-finite or not positive (zero weight)
+  become ``NO_DATA``.
+* Files without any variance (plain images, JWST files lacking ``ERR``) get
+  a modelled variance
   (:mod:`~diffim_dask.io._noise`): measured sky variance plus the sources'
   photon noise ``max(image - sky, 0)/gain``, with the header gain or, when
   there is none, an effective gain estimated from the sky; a log line on the
@@ -46,8 +52,9 @@ pixel noise); everything downstream works in float32, so writing and re-reading
 an exposure is lossless.
 
 With ``chunks=`` the result is dask-backed. ``mef`` files without companions
-are read lazily, chunk by chunk, straight from the file (checksums are then
-not verified and an all-NaN image is not detected up front); the other
+are read lazily, chunk by chunk, straight from the file by a picklable reader
+(only one pixel per plane is read up front, to learn its type; checksums are
+then not verified and an all-NaN image is not detected up front); the other
 layouts need global statistics and are read eagerly, then chunked.
 
 Writing
