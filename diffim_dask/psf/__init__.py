@@ -1,5 +1,6 @@
 """PSF models and PSF estimation."""
 
+from .estimate import PsfEstimate, PsfEstimationConfig, estimate_psf
 from .models import (
     FWHM_PER_SIGMA,
     GaussianPsf,
@@ -19,7 +20,10 @@ __all__ = [
     "ImagePsf",
     "MoffatPsf",
     "PolynomialPsf",
+    "PsfEstimate",
+    "PsfEstimationConfig",
     "PsfModel",
+    "estimate_psf",
     "fwhm_of_stamp",
     "psf_from_dict",
 ]
