@@ -2,8 +2,12 @@
 
 Sub-commands
 ------------
-demo       the built-in default: simulate a mini-survey on a local Dask cluster and summarise it
-simulate   write a simulated survey (exposure stores, truth tables, manifest) of any size
+demo       the built-in default: simulate a mini-survey, run the default pipeline on a local Dask
+           cluster and report completeness and false detections against the truth
+subtract   difference two images (any format the readers accept) and detect DIA sources
+run        the survey run: a pipeline over a visit manifest and a template store
+simulate   write a simulated survey (exposure store, template store, truth, manifest) of any size
+pipeline   write a pipeline file with every setting of every stage, documented
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def _add_simulate_options(parser: argparse.ArgumentParser, *, visits: int, detec
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``diffim-dask``."""
+    from .workflow.pipeline import METHODS as METHODS_CHOICES
+
     parser = argparse.ArgumentParser(
         prog="diffim-dask",
         description="Survey-scale difference image analysis on Dask.",
@@ -58,6 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
                     "patches to Zarr stores, the truth tables to Parquet and a manifest.")
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
     _add_simulate_options(simulate, visits=4, detectors=2, size=2048)
+
+    subtract = sub.add_parser(
+        "subtract", help="difference two images and detect DIA sources",
+        description="Difference SCIENCE minus TEMPLATE (FITS in any layout the readers accept). "
+                    "With different WCSs the template is warped onto the science grid first; "
+                    "with no WCS the two must share one pixel grid (same shape). Writes "
+                    "difference.fits, score.fits (score methods) and diaSources.parquet under --out.")
+    subtract.add_argument("science", help="science image (FITS)")
+    subtract.add_argument("template", help="template image (FITS)")
+    subtract.add_argument("--method", choices=METHODS_CHOICES, default=None,
+                          help="subtraction method (default: the --config file's, else alard-lupton)")
+    subtract.add_argument("--out", type=Path, default=Path("diffim-subtract"),
+                          help="output directory (default %(default)s)")
+    subtract.add_argument("--science-psf", help="PSF stamp (FITS) of the science image")
+    subtract.add_argument("--template-psf", help="PSF stamp (FITS) of the template image")
+    subtract.add_argument("--config", help="pipeline YAML with stage configs (see `diffim-dask pipeline`)")
+
+    run = sub.add_parser(
+        "run", help="run a pipeline over a visit manifest",
+        description="The survey run: for every (visit, detector) of the manifest assemble the "
+                    "template from the store, subtract, detect and measure; write difference "
+                    "images, a Parquet DIA-source dataset partitioned by visit, per-unit records, "
+                    "a run summary and provenance under --out. Exits non-zero if any unit failed.")
+    run.add_argument("pipeline", help="pipeline YAML (or a built-in name: alard-lupton, "
+                                      "alard-lupton-score, zogy)")
+    run.add_argument("--manifest", required=True, help="visit manifest (YAML or CSV)")
+    run.add_argument("--templates", required=True, help="template coadd store")
+    run.add_argument("--out", required=True, help="output directory (a local or mounted path)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", help="address of a running Dask scheduler (default: "
+                                           "$DASK_SCHEDULER_ADDRESS if set, else a local cluster)")
+    where.add_argument("--workers", type=int, default=2, help="local cluster workers (default %(default)s)")
+    run.add_argument("--resume", action="store_true", help="skip units already done or skipped")
+
+    pipeline = sub.add_parser(
+        "pipeline", help="write a fully documented pipeline file",
+        description="Print (or write) a pipeline YAML with every setting of every stage and its "
+                    "documentation, for the given method.")
+    pipeline.add_argument("--method", choices=METHODS_CHOICES, default="alard-lupton")
+    pipeline.add_argument("--out", type=Path, help="file to write (default: print)")
     return parser
 
 
@@ -72,10 +118,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if args.command in ("demo", "simulate"):
+        if args.command == "simulate":
             from .workflow.simulated_survey import run_simulate_command
 
-            return run_simulate_command(args, demo=args.command == "demo")
+            return run_simulate_command(args, demo=False)
+        if args.command == "demo":
+            from .workflow.demo import run_demo_command
+
+            return run_demo_command(args)
+        if args.command == "subtract":
+            from .workflow.pair import run_subtract_command
+
+            return run_subtract_command(args)
+        if args.command == "run":
+            from .workflow.survey_cli import run_run_command
+
+            return run_run_command(args)
+        if args.command == "pipeline":
+            from .workflow.pipeline import PipelineConfig, dump_pipeline_yaml
+
+            text = dump_pipeline_yaml(PipelineConfig(name=args.method, method=args.method))
+            if args.out:
+                args.out.write_text(text)
+            else:
+                print(text, end="")
+            return 0
     except DiffimError as exc:
         print(f"diffim-dask {args.command}: error: {exc}", file=sys.stderr)
         return 2
