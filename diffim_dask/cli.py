@@ -50,12 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="simulate a mini-survey on a local Dask cluster and summarise it",
+        "demo", help="simulate a mini-survey and run the default pipeline on it (local cluster)",
         description="The built-in default run: simulate a mini-survey (template patches and "
-                    "several visits x 2 detectors with injected transients) on a local Dask "
-                    "cluster, write it under --out and print a summary.")
+                    "several visits x 2 detectors with injected transients), run the default "
+                    "pipeline on a local Dask cluster, and print completeness and false "
+                    "detections against the truth.")
     demo.add_argument("--out", type=Path, default=Path("diffim-demo"),
                       help="output directory (default %(default)s)")
+    demo.add_argument("--pipeline", default="alard-lupton",
+                      help="pipeline YAML or built-in name (default %(default)s)")
     _add_simulate_options(demo, visits=4, detectors=2, size=1024)
 
     simulate = sub.add_parser(

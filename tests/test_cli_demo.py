@@ -13,8 +13,10 @@ import yaml
 
 import diffim_dask as dd
 from diffim_dask.cli import main
-from diffim_dask.io import ExposureStore, read_exposure
+from diffim_dask.io import ExposureStore
 from diffim_dask.simulate import SurveyConfig
+from diffim_dask.template import CoaddStore
+from diffim_dask.workflow.manifest import load_manifest
 from diffim_dask.workflow.simulated_survey import simulate_survey_to_disk
 
 
@@ -49,7 +51,11 @@ def test_simulated_survey_written_and_readable(tmp_path):
     assert exposure.info.visit == 1 and exposure.info.detector == 1
     manifest = yaml.safe_load((tmp_path / "manifest.yaml").read_text())
     assert SurveyConfig.from_dict(manifest["survey"]) == config
-    template = read_exposure(tmp_path / manifest["templates"][0]["path"])
+    assert [e.key for e in load_manifest(tmp_path / "manifest.yaml")] == store.list()
+    templates = CoaddStore(tmp_path / manifest["templates"])
+    keys = templates.patches(config.band)
+    assert len(keys) == summary["n_templates"]
+    template = templates.open(config.band, *keys[0])
     assert template.psf is not None and template.wcs is not None
     truth = pd.read_parquet(tmp_path / "truth" / "visit=1" / "detector=1.parquet")
     assert (truth["kind"] == "transient").sum() == summary["science"][3]["n_transients"]
@@ -64,11 +70,18 @@ def test_simulated_survey_written_and_readable(tmp_path):
 
 
 @pytest.mark.cluster
-def test_demo_runs_on_local_cluster(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_local_cluster(tmp_path, capsys):
+    from diffim_dask.workflow.catalog import read_catalog
+
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "256", "--visits", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--size", "384", "--visits", "2"]) == 0
     printed = capsys.readouterr().out
     assert "Dask dashboard" in printed and "science images : 4" in printed
-    assert ExposureStore(out / "science.zarr").list() == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert "4 done, 0 skipped, 0 failed" in printed and "completeness" in printed
+    assert ExposureStore(out / "survey" / "science.zarr").list() == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    catalog = read_catalog(out / "run")
+    assert len(catalog) > 0 and catalog["diaSourceId"].is_unique
+    assert sorted(catalog["visit"].unique()) == [0, 1]
     # Re-running the demo in place works (it replaces its own output).
-    assert main(["demo", "--out", str(out), "--size", "256", "--visits", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--size", "384", "--visits", "2"]) == 0

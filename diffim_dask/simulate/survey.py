@@ -496,35 +496,63 @@ class Survey:
         return self.tract.patch(patch_id)
 
     def simulate_template_patch(self, patch_id: int) -> SimulatedImage:
-        """Simulate the deep template coadd of one patch.
+        """Simulate the deep template coadd of one patch of the simulator's own tiling.
+
+        See :meth:`simulate_template` for what a template contains.
+        """
+        patch = self._patch(patch_id)
+        image = self.simulate_template(patch.wcs, patch.shape, patch.origin, noise_key=patch_id,
+                                       psf=self.template_psf(patch_id))
+        truth = image.truth.assign(patch=patch_id)
+        return dataclasses.replace(image, truth=_scene.normalise_truth(truth))
+
+    def simulate_template(self, wcs: WCS, shape: tuple[int, int], origin: tuple[int, int] = (0, 0),
+                          *, noise_key: int = 0, psf: PsfModel | None = None) -> SimulatedImage:
+        """Simulate a deep template coadd on any pixel grid (e.g. a sky-map patch).
 
         The image is sky-subtracted; noise is Gaussian with the variance of a
         mean of ``template_depth`` visits (the variance plane holds it);
         variables show their mean flux; there are no transients, movers,
         cosmic rays or bad columns. Pixels whose single-visit counts would
         saturate are clipped and flagged SAT, as in a coadd of saturated inputs.
+
+        Parameters
+        ----------
+        wcs : astropy.wcs.WCS
+            WCS of the grid (parent pixel frame).
+        shape : (int, int)
+            ``(ny, nx)``.
+        origin : (int, int)
+            Parent-frame ``(x0, y0)`` of the first pixel.
+        noise_key : int
+            Key of the noise stream: distinct grids need distinct keys for
+            independent noise; the same key reproduces the same noise.
+        psf : PsfModel, optional
+            The template PSF (default: the survey's constant template PSF,
+            referenced at the grid centre).
         """
         c = self.config
-        patch = self._patch(patch_id)
-        psf = self.template_psf(patch_id)
+        if psf is None:
+            ny, nx = shape
+            psf = make_psf(c.psf_profile, c.template_fwhm, beta=c.moffat_beta,
+                           reference=(origin[0] + (nx - 1) / 2.0, origin[1] + (ny - 1) / 2.0))
         calib = PhotoCalib(c.zero_point)
-        shape = patch.shape
-        origin = patch.origin
+        shape = (int(shape[0]), int(shape[1]))
+        origin = (int(origin[0]), int(origin[1]))
         model = np.zeros(shape)
         stars, galaxies, _ = _scene.render_sky(
-            model, self.sky, patch.wcs, psf, origin, lambda rows: rows["flux"].to_numpy(),
+            model, self.sky, wcs, psf, origin, lambda rows: rows["flux"].to_numpy(),
             calib.njy_per_count)
         truth = _scene.static_truth(stars, galaxies, template_star_flux=stars["flux"].to_numpy(),
                                     delta_snr_scale=0.0)
         expected = model + c.sky_level
         variance = (expected / c.gain + (c.read_noise / c.gain) ** 2) / c.template_depth
-        rng = _streams.rng_for(c.seed, _streams.PATCH_NOISE, patch_id)
+        rng = _streams.rng_for(c.seed, _streams.PATCH_NOISE, noise_key)
         image = model + np.sqrt(variance) * rng.standard_normal(shape)
         saturated = expected >= c.saturation
         image[saturated] = c.saturation - c.sky_level
         mask = np.where(saturated, MASK_DTYPE(mask_value("SAT")), MASK_DTYPE(0)).astype(MASK_DTYPE)
         truth["saturated"] = _scene.peak_saturated(truth, expected, origin, c.saturation)
-        truth["patch"] = patch_id
         truth = _scene.normalise_truth(truth)
         info = VisitInfo(visit=-1, detector=-1, band=c.band,
                          exposure_time=c.exposure_time * c.template_depth,
@@ -532,7 +560,7 @@ class Survey:
                          read_noise=c.read_noise * math.sqrt(c.template_depth),
                          saturation=c.saturation, instrument=f"{c.instrument}-coadd")
         exposure = Exposure.from_arrays(image.astype(np.float32), variance.astype(np.float32), mask,
-                                        wcs=copy.deepcopy(patch.wcs), psf=psf, photo_calib=calib,
+                                        wcs=copy.deepcopy(wcs), psf=psf, photo_calib=calib,
                                         info=info, origin=origin)
         return SimulatedImage(exposure=exposure, truth=truth, model=model.astype(np.float32),
                               background=np.full(shape, c.sky_level, dtype=np.float32))

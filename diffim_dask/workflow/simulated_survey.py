@@ -3,10 +3,10 @@
 Output layout under ``out``::
 
     science.zarr/             ExposureStore, one group per visit/detector
-    templates/patch_<id>.fits template coadd patches (LSST-style multi-extension FITS)
+    templates.zarr/           CoaddStore: deep template patches on a rings sky map
     truth/visit=<v>/detector=<d>.parquet   truth table of each science image
     truth/templates.parquet   truth of the template patches
-    manifest.yaml             what was written, with the survey config
+    manifest.yaml             the visit manifest (``diffim-dask run`` input) and the survey config
     summary.json              per-image timings and counts
 
 Every image is one task: the worker simulates it and writes it, so the client
@@ -61,21 +61,31 @@ def _science_task(config_dict: dict[str, Any], visit: int, detector: int, out: s
     }
 
 
-def _template_task(config_dict: dict[str, Any], patch_id: int, out: str) -> dict[str, Any]:
-    """Simulate one template patch and write it as multi-extension FITS; runs on a worker."""
-    from ..io import write_exposure_fits
+def survey_skymap(config):
+    """The sky map of a simulated survey's templates: same pixel scale, patches sized to the detectors."""
+    from ..template import RingsSkyMap, SkyMapConfig
+
+    side = max(512, min(4000, 2 * max(config.detector_shape)))
+    return RingsSkyMap(SkyMapConfig(pixel_scale=config.pixel_scale, patch_inner_size=side,
+                                    patch_border=100))
+
+
+def _template_task(config_dict: dict[str, Any], tract: int, patch: int, out: str) -> dict[str, Any]:
+    """Simulate one template coadd patch and write it to the coadd store; runs on a worker."""
     from ..simulate import Survey, SurveyConfig
+    from ..template import CoaddStore
 
     start = time.perf_counter()
-    survey = Survey(SurveyConfig.from_dict(config_dict))
-    image = survey.simulate_template_patch(patch_id)
+    config = SurveyConfig.from_dict(config_dict)
+    survey = Survey(config)
+    store = CoaddStore(Path(out) / "templates.zarr", survey_skymap(config))
+    info = store.skymap.tract(tract).patch(patch)
+    image = survey.simulate_template(info.wcs, info.shape, info.origin, noise_key=tract * 100_000 + patch)
     simulated = time.perf_counter()
-    path = Path(out) / "templates" / f"patch_{patch_id}.fits"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_exposure_fits(image.exposure, path, overwrite=True)
-    truth = image.truth.assign(patch=patch_id)
+    store.write(image.exposure, config.band, tract, patch, overwrite=True)
+    truth = image.truth.assign(tract=tract, patch=patch)
     return {
-        "kind": "template", "patch": patch_id, "shape": list(image.exposure.shape),
+        "kind": "template", "tract": tract, "patch": patch, "shape": list(image.exposure.shape),
         "simulate_s": round(simulated - start, 3), "write_s": round(time.perf_counter() - simulated, 3),
         "truth": truth,
     }
@@ -115,14 +125,21 @@ def simulate_survey_to_disk(config, out: Path, *, client=None, overwrite: bool =
     if (out / "manifest.yaml").exists() and not overwrite:
         raise ConfigurationError(f"{out} already holds a simulated survey; pass --overwrite to replace it")
     if overwrite:
-        for name in ("science.zarr", "templates", "truth"):
+        for name in ("science.zarr", "templates.zarr", "truth"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     survey = Survey(config)
     config_dict = config.to_dict()
-    patch_ids = sorted({p for visit, det in survey.visits for p in survey.patches_overlapping(visit, det)})
+    skymap = survey_skymap(config)
+    from ..template import CoaddStore
+
+    CoaddStore(out / "templates.zarr", skymap)  # create it (with its sky map) before the workers write
+    border = 20 + 10  # GetTemplate's default border plus the interpolation margin
+    patch_keys = sorted({p.key for visit, det in survey.visits
+                         for p in skymap.patches_overlapping(survey.wcs(visit, det), config.detector_shape,
+                                                             border=border)})
     jobs = [(_science_task, (config_dict, v, d, str(out))) for v, d in survey.visits]
-    jobs += [(_template_task, (config_dict, p, str(out))) for p in patch_ids]
+    jobs += [(_template_task, (config_dict, t, p, str(out))) for t, p in patch_keys]
 
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -147,7 +164,7 @@ def simulate_survey_to_disk(config, out: Path, *, client=None, overwrite: bool =
     if template_truth:
         _write_parquet_atomic(pd.concat(template_truth, ignore_index=True), out / "truth" / "templates.parquet")
     science = sorted((r for r in records if r["kind"] == "science"), key=lambda r: (r["visit"], r["detector"]))
-    templates = sorted((r for r in records if r["kind"] == "template"), key=lambda r: r["patch"])
+    templates = sorted((r for r in records if r["kind"] == "template"), key=lambda r: (r["tract"], r["patch"]))
     summary = {
         "wall_s": round(wall, 3),
         "n_science": len(science),
@@ -158,11 +175,11 @@ def simulate_survey_to_disk(config, out: Path, *, client=None, overwrite: bool =
         "templates": templates,
     }
     manifest = {
-        "survey": config_dict,
-        "science_store": "science.zarr",
-        "science": [{"visit": r["visit"], "detector": r["detector"], "band": config.band} for r in science],
-        "templates": [{"patch": r["patch"], "path": f"templates/patch_{r['patch']}.fits"} for r in templates],
+        "science": [{"visit": r["visit"], "detector": r["detector"], "path": "science.zarr"}
+                    for r in science],
+        "templates": "templates.zarr",
         "truth": "truth",
+        "survey": config_dict,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
@@ -174,7 +191,7 @@ def _print_summary(summary: dict[str, Any], out: Path, dashboard: str | None) ->
     print(f"Simulated survey written to {out}/ in {summary['wall_s']:.1f} s"
           + (f" (dashboard was {dashboard})" if dashboard else ""))
     print(f"  science images : {summary['n_science']}  (science.zarr)")
-    print(f"  template patches: {summary['n_templates']}  (templates/*.fits)")
+    print(f"  template patches: {summary['n_templates']}  (templates.zarr)")
     print(f"  transients     : {summary['n_transients']}, moving objects: {summary['n_moving']}"
           f"  (truth/)")
     print()
@@ -197,7 +214,7 @@ def run_simulate_command(args, *, demo: bool) -> int:
 
     def progress(done, total, record):
         what = (f"visit {record['visit']} detector {record['detector']}" if record["kind"] == "science"
-                else f"template patch {record['patch']}")
+                else f"template tract {record['tract']} patch {record['patch']}")
         print(f"[{done:3d}/{total}] {what} ({record['simulate_s']:.2f} s)", flush=True)
 
     print(f"Simulating {n_images} science images ({args.visits} visits x {args.detectors} detectors, "

@@ -1,0 +1,416 @@
+"""The survey run: a lazy Dask graph of the three stages for every (visit, detector).
+
+For each manifest entry the graph chains four tasks::
+
+    load science -> assemble template -> subtract -> detect, measure and write
+
+Building the graph reads no pixels. Each task passes a :class:`UnitFailure`
+through untouched, so the first failing stage of a unit decides its record;
+errors are classified (:mod:`diffim_dask.errors`):
+
+* ``NoWorkFound`` → status ``skipped`` with the reason;
+* bad input data, algorithm and configuration errors, and unexpected
+  exceptions → status ``failed`` with the category, message and metadata,
+  never retried;
+* ``TransientIOError`` is raised out of the task so Dask retries it
+  (``execution.retries`` times); a lost worker is handled by the scheduler,
+  which recomputes the lost tasks.
+
+Outputs under ``out`` (every file written atomically under a name that depends
+only on the unit, so retried or repeated tasks never duplicate rows)::
+
+    diaSources/visit=V/detector=D.parquet   DIA sources (Hive-partitioned by visit)
+    difference.zarr, score.zarr             difference (and score) images
+    units/visit=V/detector=D.json           the unit's summary record (written last)
+    run_summary.json, provenance.json       the run's summary and provenance
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigurationError, DiffimError, TransientIOError, classify_error
+from .catalog import catalog_part_path, write_catalog_part
+from .manifest import ManifestEntry
+from .pipeline import PipelineConfig
+
+__all__ = ["UnitFailure", "build_unit_graph", "run_survey", "unit_record_path", "load_unit_record",
+           "RunResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitFailure:
+    """A unit that stopped early: skipped (no work) or failed, with why and where."""
+
+    stage: str
+    category: str
+    message: str
+    metadata: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.category == "skipped" else "failed"
+
+
+def _stage(name: str):
+    """Wrap a stage: pass failures through, classify exceptions, time the work."""
+
+    def decorate(func):
+        def wrapper(*args, **kwargs):
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, UnitFailure):
+                    return value
+            start = time.perf_counter()
+            try:
+                result = func(*args, **kwargs)
+            except TransientIOError:
+                raise  # the only kind Dask retries
+            except DiffimError as exc:
+                return UnitFailure(name, classify_error(exc), str(exc), dict(getattr(exc, "metadata", {})))
+            except Exception as exc:  # a bug: record it with its traceback, do not retry
+                return UnitFailure(name, "unexpected", f"{type(exc).__name__}: {exc}",
+                                   {"traceback": traceback.format_exc(limit=8)})
+            if isinstance(result, dict):
+                result.setdefault("timings", {})[name] = round(time.perf_counter() - start, 3)
+            return result
+
+        wrapper.__name__ = func.__name__
+        wrapper.__qualname__ = func.__qualname__
+        return wrapper
+
+    return decorate
+
+
+# --------------------------------------------------------------------------------------------
+# Stages (they run on workers; each returns a dict so later stages can add to it)
+# --------------------------------------------------------------------------------------------
+
+
+@_stage("load")
+def _load_science(entry: ManifestEntry, pipeline: PipelineConfig) -> dict[str, Any]:
+    from ..io import ExposureStore, read_exposure, read_psf_fits
+
+    if entry.is_store:
+        science = ExposureStore(entry.path).open(entry.visit, entry.detector).compute()
+    else:
+        science = read_exposure(entry.path)
+    if entry.psf:
+        science = science.replace(psf=read_psf_fits(entry.psf))
+    # Units are keyed by the manifest, whatever the header said.
+    science = science.replace(info=science.info.replace(visit=entry.visit, detector=entry.detector))
+    if science.psf is None:
+        from ..psf import estimate_psf
+
+        science = science.replace(psf=estimate_psf(science).psf)
+    return {"science": science}
+
+
+@_stage("template")
+def _assemble_template(state: dict[str, Any], templates: str, pipeline: PipelineConfig) -> dict[str, Any]:
+    from ..template import CoaddStore, get_template
+
+    result = get_template(state["science"], CoaddStore(templates), pipeline.template)
+    return {**state, "template": result.template, "template_patches": list(result.patches),
+            "template_valid_fraction": result.valid_fraction}
+
+
+@_stage("subtract")
+def _subtract(state: dict[str, Any], pipeline: PipelineConfig) -> dict[str, Any]:
+    result = subtract_exposures(state["science"], state["template"], pipeline)
+    return {"science": state["science"], "subtraction": result, "timings": state.get("timings", {})}
+
+
+@_stage("detect")
+def _detect_and_write(state: dict[str, Any], pipeline: PipelineConfig, out: str) -> dict[str, Any]:
+    from ..detect import detect_and_measure
+
+    subtraction = state["subtraction"]
+    detection = detect_and_measure(subtraction.difference, science=state["science"],
+                                   matched_template=subtraction.matched_image,
+                                   score=subtraction.score, config=pipeline.detection)
+    return {"science": state["science"], "subtraction": subtraction, "detection": detection,
+            "timings": state.get("timings", {})}
+
+
+def subtract_exposures(science, template, pipeline: PipelineConfig):
+    """Run the pipeline's subtraction method on two exposures on one pixel grid."""
+    if pipeline.method == "alard-lupton":
+        from ..subtract import subtract_alard_lupton
+
+        return subtract_alard_lupton(science, template, pipeline.alard_lupton)
+    if pipeline.method == "alard-lupton-score":
+        from ..subtract import subtract_alard_lupton_preconvolved
+
+        return subtract_alard_lupton_preconvolved(science, template, pipeline.alard_lupton)
+    from ..zogy import subtract_zogy
+
+    return subtract_zogy(science, template, pipeline.stage_config("zogy"))
+
+
+def unit_record_path(out: Path, visit: int, detector: int) -> Path:
+    """Where a unit's summary record is written (its completion marker)."""
+    return Path(out) / "units" / f"visit={int(visit)}" / f"detector={int(detector)}.json"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _scalar_metrics(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Keep the JSON-friendly scalars of a stage's metadata."""
+    out = {}
+    for key, value in metadata.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            out[key] = value.item()
+    return out
+
+
+def _finish_unit(result: dict[str, Any] | UnitFailure, entry: ManifestEntry, pipeline: PipelineConfig,
+                 out: str) -> dict[str, Any]:
+    """Write a unit's outputs (catalog part, images) and its record; runs on a worker."""
+    record: dict[str, Any] = {"visit": entry.visit, "detector": entry.detector,
+                              "science": entry.path}
+    if isinstance(result, UnitFailure):
+        record.update(status=result.status, stage=result.stage, category=result.category,
+                      reason=result.message, metadata=_scalar_metrics(result.metadata))
+        if "traceback" in result.metadata:
+            record["traceback"] = result.metadata["traceback"]
+    else:
+        try:
+            record.update(_write_unit_outputs(result, entry, pipeline, Path(out)))
+        except TransientIOError:
+            raise
+        except Exception as exc:  # a write that fails for good is recorded, like a stage failure
+            record.update(status="failed", stage="write", category=classify_error(exc),
+                          reason=f"{type(exc).__name__}: {exc}")
+    _write_json_atomic(unit_record_path(Path(out), entry.visit, entry.detector), record)
+    return record
+
+
+def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: PipelineConfig,
+                        out: Path) -> dict[str, Any]:
+    from ..io import ExposureStore
+
+    start = time.perf_counter()
+    detection, subtraction = result["detection"], result["subtraction"]
+    chunk = pipeline.execution.chunk_size
+    if pipeline.execution.write_difference:
+        ExposureStore(out / "difference.zarr", chunk_size=chunk).write(detection.difference, overwrite=True)
+    if pipeline.execution.write_score and detection.score is not None:
+        ExposureStore(out / "score.zarr", chunk_size=chunk).write(detection.score, overwrite=True)
+    write_catalog_part(detection.catalog, out, entry.visit, entry.detector)
+    timings = dict(result.get("timings", {}))
+    timings["write"] = round(time.perf_counter() - start, 3)
+    catalog = detection.catalog
+    real = catalog[~catalog["isSky"]]
+    return {
+        "status": "done",
+        "n_dia_sources": int(len(real)),
+        "n_positive": int((~real["isNegative"]).sum()),
+        "n_negative": int(real["isNegative"].sum()),
+        "n_dipoles": int(real["isDipole"].sum()),
+        "n_sky_sources": int(catalog["isSky"].sum()),
+        "timings": timings,
+        "subtraction": _scalar_metrics(subtraction.metadata),
+        "detection": _scalar_metrics(detection.metadata),
+        "catalog_part": str(catalog_part_path(out, entry.visit, entry.detector).relative_to(out)),
+    }
+
+
+def build_unit_graph(entry: ManifestEntry, pipeline: PipelineConfig, templates: str, out: str):
+    """The lazy graph of one unit (a ``dask.delayed`` object yielding its record).
+
+    Nothing is read or computed until the graph runs.
+    """
+    import dask
+
+    tag = f"v{entry.visit}-d{entry.detector}"
+    load = dask.delayed(_load_science, pure=True)(entry, pipeline, dask_key_name=f"load-{tag}")
+    template = dask.delayed(_assemble_template, pure=True)(load, templates, pipeline,
+                                                           dask_key_name=f"template-{tag}")
+    subtract = dask.delayed(_subtract, pure=True)(template, pipeline, dask_key_name=f"subtract-{tag}")
+    detect = dask.delayed(_detect_and_write, pure=True)(subtract, pipeline, out,
+                                                        dask_key_name=f"detect-{tag}")
+    return dask.delayed(_finish_unit, pure=True)(detect, entry, pipeline, out,
+                                                 dask_key_name=f"write-{tag}")
+
+
+def load_unit_record(out: Path, visit: int, detector: int) -> dict[str, Any] | None:
+    """A unit's record if it finished (done or skipped), else None."""
+    path = unit_record_path(out, visit, detector)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("status") == "done" and not catalog_part_path(out, visit, detector).is_file():
+        return None
+    return record if record.get("status") in ("done", "skipped") else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a survey run did: one record per unit, and the run's wall time."""
+
+    records: list[dict[str, Any]]
+    wall_s: float
+    out: Path
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        for record in self.records:
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        return counts
+
+    @property
+    def ok(self) -> bool:
+        """True when no unit failed."""
+        return self.counts["failed"] == 0
+
+
+def _input_fingerprint(path: str) -> dict[str, Any]:
+    if "://" in path:
+        return {"path": path}
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return {"path": path, "missing": True}
+    return {"path": path, "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def _provenance(pipeline: PipelineConfig, entries: list[ManifestEntry], templates: str,
+                manifest_path: str | None) -> dict[str, Any]:
+    import dask
+    import numpy
+
+    inputs = sorted({e.path for e in entries} | {e.psf for e in entries if e.psf})
+    return {
+        "diffim_dask_version": __version__,
+        "python": platform.python_version(),
+        "dask": dask.__version__,
+        "numpy": numpy.__version__,
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "pipeline": pipeline.to_dict(),
+        "manifest": manifest_path,
+        "templates": _input_fingerprint(templates),
+        "inputs": [_input_fingerprint(p) for p in inputs],
+    }
+
+
+def run_survey(pipeline: PipelineConfig, entries: list[ManifestEntry], templates: str, out: str | Path,
+               *, client=None, resume: bool = False, progress=None,
+               manifest_path: str | None = None) -> RunResult:
+    """Process every manifest entry and write the run's outputs under ``out``.
+
+    Parameters
+    ----------
+    pipeline : PipelineConfig
+        The pipeline (method and stage configs).
+    entries : list of ManifestEntry
+        The science exposures.
+    templates : str
+        The template coadd store.
+    out : path
+        Output directory.
+    client : distributed.Client, optional
+        Compute on this client's cluster (retries as configured); without one
+        the graph runs on the synchronous scheduler in this process.
+    resume : bool
+        Skip units whose record says done (with their catalog part) or skipped.
+    progress : callable, optional
+        ``progress(n_finished, n_total, record)`` after each unit.
+
+    Returns
+    -------
+    RunResult
+    """
+    if "://" in str(out):
+        # Atomic parts rely on POSIX rename, which object stores do not offer.
+        raise ConfigurationError(
+            f"--out {out}: writing outputs to an object store is not supported yet; write to a local "
+            f"or mounted volume (inputs and templates may be fsspec URLs)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    todo = []
+    for entry in entries:
+        previous = load_unit_record(out, entry.visit, entry.detector) if resume else None
+        if previous is not None:
+            records.append({**previous, "resumed": True})
+        else:
+            todo.append(entry)
+    _write_json_atomic(out / "provenance.json", _provenance(pipeline, entries, templates, manifest_path))
+    graphs = [build_unit_graph(e, pipeline, str(templates), str(out)) for e in todo]
+    total = len(entries)
+    for record in records:
+        if progress:
+            progress(len(records), total, record)
+    if client is None:
+        import dask
+
+        for entry, graph in zip(todo, graphs):
+            records.append(_collect(lambda g=graph: dask.compute(g, scheduler="synchronous")[0], entry, out))
+            if progress:
+                progress(len(records), total, records[-1])
+    else:
+        from distributed import as_completed
+
+        futures = client.compute(graphs, retries=pipeline.execution.retries)
+        by_key = {f.key: e for f, e in zip(futures, todo)}
+        for future in as_completed(futures):
+            records.append(_collect(future.result, by_key[future.key], out))
+            if progress:
+                progress(len(records), total, records[-1])
+    records.sort(key=lambda r: (r["visit"], r["detector"]))
+    result = RunResult(records, time.perf_counter() - start, out)
+    _write_json_atomic(out / "run_summary.json", {"counts": result.counts, "wall_s": round(result.wall_s, 3),
+                                                  "units": records})
+    return result
+
+
+def _collect(get, entry: ManifestEntry, out: Path) -> dict[str, Any]:
+    """Fetch a unit's record; an error escaping the graph (retries exhausted) is recorded."""
+    try:
+        return get()
+    except Exception as exc:
+        record = {"visit": entry.visit, "detector": entry.detector, "science": entry.path,
+                  "status": "failed", "stage": "scheduler", "category": classify_error(exc),
+                  "reason": f"{type(exc).__name__}: {exc}"}
+        _write_json_atomic(unit_record_path(out, entry.visit, entry.detector), record)
+        return record
+
