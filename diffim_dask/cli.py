@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_run_command(args)
         if args.command == "pipeline":
-            from .workflow.pipeline import PipelineConfig, dump_pipeline_yaml
+            from .workflow.pipeline import dump_pipeline_yaml, recommended_pipeline
 
-            text = dump_pipeline_yaml(PipelineConfig(name=args.method, method=args.method))
+            text = dump_pipeline_yaml(recommended_pipeline(args.method))
             if args.out:
                 args.out.write_text(text)
             else:

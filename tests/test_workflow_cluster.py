@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -80,12 +81,14 @@ def test_killed_worker_still_gives_complete_catalog(survey_dir, cluster_client, 
     reference = run_survey(pipeline, entries, templates, tmp_path / "reference")
     killed = []
 
+    pids = cluster_client.run(os.getpid)
+
     def kill_one_worker(done, total, record):
         if done == 1 and not killed:
-            worker = sorted(cluster_client.scheduler_info()["workers"])[0]
+            worker, pid = sorted(pids.items())[0]
             killed.append(worker)
-            # A hard exit (no clean-up), like a node lost mid-run; the nanny restarts it.
-            cluster_client.run(os._exit, 1, workers=[worker], wait=False)
+            # SIGKILL: no clean-up at all, like a node lost mid-run; the nanny starts a new worker.
+            os.kill(pid, signal.SIGKILL)
 
     result = run_survey(pipeline, entries, templates, tmp_path / "run", client=cluster_client,
                         progress=kill_one_worker)

@@ -27,6 +27,7 @@ from diffim_dask.workflow.pipeline import (
     builtin_pipeline_path,
     dump_pipeline_yaml,
     load_pipeline,
+    recommended_pipeline,
 )
 from diffim_dask.workflow.run import UnitFailure, _stage
 
@@ -59,6 +60,7 @@ def test_builtin_pipeline_files_set_every_value_once(method):
     assert sorted(_flatten(raw)) == sorted(_flatten(full))
     # ... and the file is exactly what the generator writes for it.
     assert path.read_text() == dump_pipeline_yaml(pipeline)
+    assert pipeline == recommended_pipeline(method)
 
 
 def test_pipeline_errors_name_the_bad_key(tmp_path):
