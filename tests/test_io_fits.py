@@ -520,7 +520,6 @@ SYNONYM_CASES = [
     ("zero_point", "MAGZERO", 31.0, 31.0), ("zero_point", "ZP", 28.0, 28.0),
     ("zero_point", "PHOTZP", 27.5, 27.5), ("zero_point", "MAGZPSCI", 26.16, 26.16),
     ("visit", "EXPNUM", 123456, 123456), ("visit", "VISIT", 99, 99),
-    ("visit", "CANDID", "1661382530015060001", 1661382530015060001),
     ("visit", "EXP_BN", "c4d_180804_092331_ooi_i_v1", 180804092331),
     ("detector", "CCDNUM", 37, 37), ("detector", "DETECTOR", 7, 7),
     ("detector", "DETECTOR", "NRCA1", None), ("detector", "RCID", 42, 42),
@@ -605,7 +604,8 @@ def test_ztf_headers(ztf_dir):
             header = fits.getheader(ztf_dir / f"{row['name']}_{kind}.fits")
             info = visit_info_from_header(header)
             assert info.band == {"1": "g", "2": "r", "3": "i"}[row["fid"]]
-            assert info.visit == int(row["candid"]) and info.detector == int(row["rcid"])
+            # CANDID names an alert, not an exposure: no visit number is taken from it.
+            assert info.visit == 0 and info.detector == int(row["rcid"])
             start = float(row["jd"]) - 2400000.5
             half = float(row["exptime"]) / 2 / 86400 if row["exptime"] else 0.0
             assert info.mjd == pytest.approx(start + half, abs=1e-8)

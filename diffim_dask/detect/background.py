@@ -192,7 +192,9 @@ def estimate_background(image: np.ndarray, variance: np.ndarray, mask: np.ndarra
     Raises
     ------
     BadInputDataError
-        If no super-pixel has enough usable pixels.
+        If no pixel at all is usable. (When no super-pixel reaches
+        ``min_valid_fraction`` — small or crowded images — the best-populated
+        super-pixels are used.)
     """
     bin_size = int(bin_size)
     usable = np.isfinite(image) & (variance > 0)
@@ -200,6 +202,10 @@ def estimate_background(image: np.ndarray, variance: np.ndarray, mask: np.ndarra
         usable &= (mask & np.uint32(mask_value(ignore_planes))) == 0
     grid, counts = _binned_medians(image, usable, bin_size)
     valid = counts >= max(1, int(np.ceil(min_valid_fraction * bin_size * bin_size)))
+    if not valid.any() and counts.max() > 0:
+        # Small or crowded images (alert stamps): no bin reaches the fraction, so use the
+        # best-populated bins rather than give up.
+        valid = counts == counts.max()
     if not valid.any():
         raise BadInputDataError(
             f"background: no {bin_size}x{bin_size} super-pixel has {min_valid_fraction:.0%} usable "

@@ -21,8 +21,9 @@ Conventions worth knowing
 * **Band.** The first word of ``FILTER`` (DECam: ``"i DECam SDSS c0003 7835.0
   1470.0"`` → ``"i"``); a ``ZTF_`` prefix is dropped; ZTF's numeric ``FID``
   maps 1, 2, 3 → g, r, i. JWST filter names (``F200W``) are kept as they are.
-* **Visit.** ``EXPNUM`` / ``VISIT_ID`` / ``VISIT`` / ``CANDID`` (ZTF alert id) as
-  integers; for DECam cut-outs without ``EXPNUM`` the exposure basename
+* **Visit.** ``EXPNUM`` / ``VISIT_ID`` / ``VISIT`` as integers (not ZTF's
+  ``CANDID``: it names an alert, not an exposure, and is too large for a
+  ``diaSourceId``); for DECam cut-outs without ``EXPNUM`` the exposure basename
   ``EXP_BN = 'c4d_YYMMDD_HHMMSS_...'`` gives ``YYMMDDHHMMSS``.
 * **Detector.** ``CCDNUM`` (DECam), an *integer* ``DETECTOR`` (JWST's
   ``'NRCA1'`` and DECam's serial-number string are skipped), ``RCID`` (ZTF
@@ -71,7 +72,7 @@ logger = logging.getLogger("diffim_dask.io")
 
 #: For each quantity, the header keywords that may carry it, highest priority first.
 HEADER_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "visit": ("EXPNUM", "VISIT_ID", "VISIT", "CANDID", "EXP_BN"),
+    "visit": ("EXPNUM", "VISIT_ID", "VISIT", "EXP_BN"),
     "detector": ("CCDNUM", "DETECTOR", "RCID"),
     "band": ("FILTER", "BAND", "FILTNAME", "FID"),
     "mjd": ("MJD-MID", "EXPMID", "MJD-OBS", "OBSMJD", "EXPSTART", "MJD-BEG"),

@@ -216,7 +216,9 @@ def psf_fluxes(image_bgsub: _BgSub, iy: np.ndarray, ix: np.ndarray, psf_stamp: n
 
 def tile_grid(shape, tile_size: int, margin: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Centres ``(iy, ix)`` and half-width of fit tiles covering the image inside ``margin``."""
-    half = tile_size // 2
+    # A tile (plus the kernel margin on both sides) must fit inside the image: small
+    # images such as alert stamps get one tile as large as they allow.
+    half = max(1, min(tile_size // 2, (min(shape) - 2 * margin - 1) // 2))
     side = 2 * half + 1
     centres = []
     for n in shape:

@@ -27,6 +27,10 @@ from ._stats import coarse_background, robust_sigma
 __all__ = ["VarianceScale", "measure_variance_scale"]
 
 
+#: Fewest source-free pixels for a variance-scale measurement.
+_MIN_PIXELS = 100
+
+
 @dataclasses.dataclass(frozen=True)
 class VarianceScale:
     """Result of :func:`measure_variance_scale`.
@@ -36,7 +40,8 @@ class VarianceScale:
     factor : float
         Multiply the variance plane by this.
     method : str
-        ``"pixel"`` or ``"image"`` (fallback).
+        ``"pixel"``, ``"image"`` (fallback), or ``"image-all-pixels"`` when fewer
+        than 100 source-free pixels exist (robust scatter of all unmasked pixels).
     n_pixels : int
         Pixels used.
     """
@@ -73,7 +78,8 @@ def measure_variance_scale(image, variance, mask, *, source_mask=None, backgroun
     Raises
     ------
     BadInputDataError
-        Too few usable pixels, or no factor within ``[1/limit, limit]``.
+        Too few pixels with a positive variance, or no factor within
+        ``[1/limit, limit]``.
     """
     image = np.asarray(image)
     # A regular subsample of at most ~4 million pixels measures the IQR to ~1e-3.
@@ -85,10 +91,25 @@ def measure_variance_scale(image, variance, mask, *, source_mask=None, backgroun
     if source_mask is not None:
         good &= ~source_mask[::step, ::step]
     n_good = int(good.sum())
-    if n_good < 100:
-        raise BadInputDataError(
-            f"variance scaling of the {what}: only {n_good} usable source-free pixels "
-            f"(need >= 100); check its mask and variance planes")
+    if n_good < _MIN_PIXELS:
+        # Too little source-free sky (e.g. an alert stamp filled by its source, or a variance
+        # plane so low that everything looks significant): fall back to the robust scatter of
+        # all unmasked pixels, which sources bias only when they fill most of the image.
+        usable = (np.asarray(mask)[::step, ::step] & np.uint32(mask_value(ignore_planes))) == 0
+        usable &= np.isfinite(image_sub) & np.isfinite(var_sub) & (var_sub > 0)
+        n_usable = int(usable.sum())
+        if n_usable < _MIN_PIXELS:
+            raise BadInputDataError(
+                f"variance scaling of the {what}: only {n_usable} usable pixels with a positive "
+                f"variance (need >= {_MIN_PIXELS}); check its mask and variance planes")
+        values = image_sub[usable]
+        factor = robust_sigma(values - np.median(values)) ** 2 / float(np.median(var_sub[usable]))
+        if not (1.0 / limit <= factor <= limit):
+            raise BadInputDataError(
+                f"variance plane of the {what} disagrees with its measured noise: image-based "
+                f"variance scale factor {factor:.3g} (only {n_good} source-free pixels) is outside "
+                f"[{1 / limit:.3g}, {limit:.3g}] (VarianceScalingConfig.limit)")
+        return VarianceScale(float(factor), "image-all-pixels", n_usable)
     if background is None:
         full_good = (np.asarray(mask) & np.uint32(mask_value(ignore_planes))) == 0
         full_good &= np.asarray(variance) > 0
