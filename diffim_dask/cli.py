@@ -8,6 +8,7 @@ subtract   difference two images (any format the readers accept) and detect DIA 
 run        the survey run: a pipeline over a visit manifest and a template store
 simulate   write a simulated survey (exposure store, template store, truth, manifest) of any size
 pipeline   write a pipeline file with every setting of every stage, documented
+report     write the HTML quality report of a run directory
 """
 
 from __future__ import annotations
@@ -100,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                                            "$DASK_SCHEDULER_ADDRESS if set, else a local cluster)")
     where.add_argument("--workers", type=int, default=2, help="local cluster workers (default %(default)s)")
     run.add_argument("--resume", action="store_true", help="skip units already done or skipped")
+    run.add_argument("--inject", type=int, default=None, metavar="N",
+                     help="inject N point sources into every science image (overrides the "
+                          "pipeline's injection.n_sources) and report completeness")
+
+    report = sub.add_parser(
+        "report", help="write the HTML quality report of a run",
+        description="Write a self-contained HTML page for a run directory: unit summary, "
+                    "D/sqrt(var) histogram, kernel-sum map, completeness, cutout gallery, timings.")
+    from .qa.report import add_report_arguments
+
+    add_report_arguments(report)
 
     pipeline = sub.add_parser(
         "pipeline", help="write a fully documented pipeline file",
@@ -137,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             from .workflow.survey_cli import run_run_command
 
             return run_run_command(args)
+        if args.command == "report":
+            from .qa.report import run_report_command
+
+            return run_report_command(args)
         if args.command == "pipeline":
             from .workflow.pipeline import dump_pipeline_yaml, recommended_pipeline
 

@@ -9,6 +9,7 @@ config of one stage; any key left out takes its documented defaults::
     alard_lupton: {...}           # AlardLuptonConfig (both Alard-Lupton methods)
     zogy: {...}                   # ZogyConfig
     detection: {...}              # DetectAndMeasureConfig
+    injection: {...}              # InjectionConfig (off by default)
     execution: {...}              # ExecutionConfig
 
 Each setting exists in exactly one of these blocks, so no value can be given
@@ -26,6 +27,7 @@ import yaml
 
 from ..config import ConfigBase, config_field
 from ..detect import DetectAndMeasureConfig
+from ..qa import InjectionConfig
 from ..errors import ConfigurationError
 from ..subtract import AlardLuptonConfig
 from ..template import GetTemplateConfig
@@ -85,6 +87,9 @@ class PipelineConfig(ConfigBase):
     zogy: dict = config_field(doc="ZOGY config (ZogyConfig fields).", default_factory=dict)
     detection: DetectAndMeasureConfig = config_field(
         doc="Detection and measurement config.", default_factory=DetectAndMeasureConfig)
+    injection: InjectionConfig = config_field(
+        doc="Source injection into every science image before subtraction (n_sources=0: off).",
+        default_factory=InjectionConfig)
     execution: ExecutionConfig = config_field(doc="Execution settings.", default_factory=ExecutionConfig)
 
     def validate(self) -> None:

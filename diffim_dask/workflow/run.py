@@ -116,6 +116,11 @@ def _load_science(entry: ManifestEntry, pipeline: PipelineConfig) -> dict[str, A
         from ..psf import estimate_psf
 
         science = science.replace(psf=estimate_psf(science).psf)
+    if pipeline.injection.n_sources:
+        from ..qa import inject_unit
+
+        injection = inject_unit(science, pipeline.injection, entry.visit, entry.detector)
+        return {"science": injection.exposure, "injection": injection}
     return {"science": science}
 
 
@@ -131,7 +136,8 @@ def _assemble_template(state: dict[str, Any], templates: str, pipeline: Pipeline
 @_stage("subtract")
 def _subtract(state: dict[str, Any], pipeline: PipelineConfig) -> dict[str, Any]:
     result = subtract_exposures(state["science"], state["template"], pipeline)
-    return {"science": state["science"], "subtraction": result, "timings": state.get("timings", {})}
+    return {"science": state["science"], "subtraction": result, "timings": state.get("timings", {}),
+            "injection": state.get("injection")}
 
 
 @_stage("detect")
@@ -143,7 +149,7 @@ def _detect_and_write(state: dict[str, Any], pipeline: PipelineConfig, out: str)
                                    matched_template=subtraction.matched_image,
                                    score=subtraction.score, config=pipeline.detection)
     return {"science": state["science"], "subtraction": subtraction, "detection": detection,
-            "timings": state.get("timings", {})}
+            "timings": state.get("timings", {}), "injection": state.get("injection")}
 
 
 def subtract_exposures(science, template, pipeline: PipelineConfig):
@@ -230,6 +236,17 @@ def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: 
     if pipeline.execution.write_score and detection.score is not None:
         ExposureStore(out / "score.zarr", chunk_size=chunk).write(detection.score, overwrite=True)
     write_catalog_part(detection.catalog, out, entry.visit, entry.detector)
+    extra: dict[str, Any] = {}
+    if result.get("injection") is not None:
+        from ..qa import write_injection_truth
+
+        write_injection_truth(result["injection"], out, entry.visit, entry.detector)
+        extra["n_injected"] = int(len(result["injection"].truth))
+    if hasattr(subtraction.kernel, "kernel_sum"):
+        from ..qa.report import kernel_sum_grid
+
+        science = result["science"]
+        extra["kernel_sum_grid"] = kernel_sum_grid(subtraction.kernel, science.shape, science.origin)
     timings = dict(result.get("timings", {}))
     timings["write"] = round(time.perf_counter() - start, 3)
     catalog = detection.catalog
@@ -245,6 +262,7 @@ def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: 
         "subtraction": _scalar_metrics(subtraction.metadata),
         "detection": _scalar_metrics(detection.metadata),
         "catalog_part": str(catalog_part_path(out, entry.visit, entry.detector).relative_to(out)),
+        **extra,
     }
 
 

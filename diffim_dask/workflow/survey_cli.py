@@ -70,6 +70,8 @@ def print_run_summary(result: RunResult) -> None:
 def run_run_command(args) -> int:
     """Implementation of ``diffim-dask run``."""
     pipeline = load_pipeline(args.pipeline)
+    if args.inject is not None:
+        pipeline = pipeline.replace(injection=pipeline.injection.replace(n_sources=args.inject))
     entries = load_manifest(args.manifest)
     with cluster_client(args.scheduler, args.workers) as client:
         print(f"Pipeline {pipeline.name!r} ({pipeline.method}) on {len(entries)} units; "
@@ -78,4 +80,10 @@ def run_run_command(args) -> int:
                             resume=args.resume, progress=progress_printer(),
                             manifest_path=str(args.manifest))
     print_run_summary(result)
+    if pipeline.injection.n_sources:
+        from ..qa.report import evaluate_run_truth, load_run
+
+        summary, what = evaluate_run_truth(load_run(args.out))
+        print(f"\nAgainst the {what}:")
+        print(summary.format())
     return 0 if result.ok else 1
