@@ -508,7 +508,10 @@ def _detection_image(planes: _Planes, kernel, background, raw, noise, score, con
     s_image, s_variance, s_mask = _arrays(score)
     s_nodata = _sanitize(s_image, s_variance, s_mask)
     if background is not None:
-        s_image -= background.image
+        # Score images are significances (unit-variance noise), not counts: the difference
+        # background B enters a matched-filter score as (B ⋆ K) / sqrt(V ⋆ K²), its
+        # contribution to the difference's own significance.
+        s_image -= _ratio(background.filtered(kernel.terms), noise)
     s_image[s_nodata | planes.excluded] = 0.0
     s_variance[s_nodata | planes.excluded] = 0.0
     planes.mask |= s_mask & np.uint32(mask_value("EDGE"))
