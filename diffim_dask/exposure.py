@@ -35,7 +35,7 @@ from .errors import BadInputDataError
 from .masks import MASK_DTYPE, MASK_PLANES
 from .psf.models import PsfModel, psf_from_dict
 
-__all__ = ["Exposure", "PhotoCalib", "VisitInfo", "AB_NJY_ZERO_POINT"]
+__all__ = ["Exposure", "PhotoCalib", "VisitInfo", "AB_NJY_ZERO_POINT", "grid_offset", "validate_pair"]
 
 #: AB magnitude of 1 nJy: m_AB = -2.5 log10(f / nJy) + 31.4.
 AB_NJY_ZERO_POINT = 31.4
@@ -443,3 +443,50 @@ class Exposure:
         kind = "dask" if self.is_lazy else "numpy"
         return (f"Exposure({ny}x{nx} {kind}, visit={self.info.visit}, detector={self.info.detector}, "
                 f"band={self.info.band!r}, psf={self.psf!r}, wcs={'yes' if self.wcs else 'no'})")
+
+
+def grid_offset(reference: Exposure, other: Exposure) -> float:
+    """Largest offset (pixels) between two exposures' WCSs over ``reference``'s grid.
+
+    Maps the four corners and the centre of ``reference`` to the sky and back
+    into ``other``'s pixel frame.
+    """
+    ny, nx = reference.shape
+    x0, y0 = reference.origin
+    xs = np.array([x0, x0 + nx - 1, x0, x0 + nx - 1, x0 + (nx - 1) / 2])
+    ys = np.array([y0, y0, y0 + ny - 1, y0 + ny - 1, y0 + (ny - 1) / 2])
+    ra, dec = reference.pixel_to_sky(xs, ys)
+    tx, ty = other.sky_to_pixel(ra, dec)
+    return float(np.max(np.hypot(tx - xs, ty - ys)))
+
+
+def validate_pair(science: Exposure, template: Exposure, *, wcs_tolerance: float = 0.01) -> None:
+    """Check that a science/template pair shares one pixel grid, band and WCS.
+
+    Raises
+    ------
+    ConfigurationError
+        If either input is not an :class:`Exposure`.
+    BadInputDataError
+        If shapes/origins, bands or WCSs (beyond ``wcs_tolerance`` pixels) differ.
+    """
+    from .errors import ConfigurationError
+
+    for what, exposure in (("science", science), ("template", template)):
+        if not isinstance(exposure, Exposure):
+            raise ConfigurationError(
+                f"the {what} input must be an Exposure, got {type(exposure).__name__}")
+    if science.shape != template.shape or science.origin != template.origin:
+        raise BadInputDataError(
+            f"science (shape {science.shape}, origin {science.origin}) and template (shape "
+            f"{template.shape}, origin {template.origin}) are not on the same pixel grid; warp "
+            f"the template onto the science image first")
+    if science.info.band and template.info.band and science.info.band != template.info.band:
+        raise BadInputDataError(
+            f"science band {science.info.band!r} differs from template band {template.info.band!r}")
+    if science.wcs is not None and template.wcs is not None:
+        offset = grid_offset(science, template)
+        if not offset < wcs_tolerance:
+            raise BadInputDataError(
+                f"template WCS differs from the science WCS by up to {offset:.3g} px on the "
+                f"science grid; both exposures must share one WCS")

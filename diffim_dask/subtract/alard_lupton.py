@@ -39,7 +39,6 @@ noise for deconvolution kernels, a template divided by the kernel sum in
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -53,7 +52,7 @@ from scipy.signal import fftconvolve
 
 from ..errors import (BadInputDataError, ConfigurationError, InsufficientKernelSourcesError,
                       BadSubtractionError, NoWorkFound)
-from ..exposure import Exposure
+from ..exposure import Exposure, validate_pair
 from ..masks import MASK_DTYPE, mask_bit, mask_value
 from ..psf.models import FWHM_PER_SIGMA, ImagePsf
 from . import _apply
@@ -83,33 +82,6 @@ def _xp_where(condition, a, b):
     if any(isinstance(v, da.Array) for v in (condition, a, b)):
         return da.where(condition, a, b)
     return np.where(condition, a, b)
-
-
-def _validate_pair(science: Exposure, template: Exposure) -> None:
-    for what, exposure in (("science", science), ("template", template)):
-        if not isinstance(exposure, Exposure):
-            raise ConfigurationError(
-                f"the {what} input must be an Exposure, got {type(exposure).__name__}")
-    if science.shape != template.shape or science.origin != template.origin:
-        raise BadInputDataError(
-            f"science (shape {science.shape}, origin {science.origin}) and template (shape "
-            f"{template.shape}, origin {template.origin}) are not on the same pixel grid; warp "
-            f"the template onto the science image first")
-    if science.info.band and template.info.band and science.info.band != template.info.band:
-        raise BadInputDataError(
-            f"science band {science.info.band!r} differs from template band {template.info.band!r}")
-    if science.wcs is not None and template.wcs is not None:
-        ny, nx = science.shape
-        x0, y0 = science.origin
-        xs = np.array([x0, x0 + nx - 1, x0, x0 + nx - 1, x0 + (nx - 1) / 2])
-        ys = np.array([y0, y0, y0 + ny - 1, y0 + ny - 1, y0 + (ny - 1) / 2])
-        ra, dec = copy.deepcopy(science.wcs).all_pix2world(xs, ys, 0)
-        tx, ty = copy.deepcopy(template.wcs).all_world2pix(ra, dec, 0)
-        offset = float(np.max(np.hypot(tx - xs, ty - ys)))
-        if not offset < 0.01:
-            raise BadInputDataError(
-                f"template WCS differs from the science WCS by up to {offset:.3g} px on the "
-                f"science grid; both exposures must share one WCS")
 
 
 def _require_psf(exposure: Exposure, what: str):
@@ -244,7 +216,7 @@ class _Prepared:
     """Validated, variance-scaled, mask-prepared inputs with their statistics."""
 
     def __init__(self, science: Exposure, template: Exposure, config: AlardLuptonConfig, timer):
-        _validate_pair(science, template)
+        validate_pair(science, template)
         self.workers = _fft_workers(config, science, template)
         self.fft_dtype = np.float64 if config.fft_precision == "float64" else np.float32
         self.science_psf_source = "given" if science.psf is not None else "estimated"

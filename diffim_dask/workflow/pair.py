@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputDataError, ConfigurationError
-from ..exposure import Exposure
+from ..exposure import Exposure, grid_offset
 
 __all__ = ["SingleExposureStore", "template_on_science_grid", "subtract_pair", "run_subtract_command"]
 
@@ -25,6 +25,7 @@ __all__ = ["SingleExposureStore", "template_on_science_grid", "subtract_pair", "
 @dataclasses.dataclass(frozen=True)
 class _SingleTract:
     wcs: object
+    id: int = 0
 
 
 class _SingleSkyMap:
@@ -78,13 +79,17 @@ class SingleExposureStore:
 def _same_grid(science: Exposure, template: Exposure) -> bool:
     if science.shape != template.shape or science.origin != template.origin:
         return False
-    ny, nx = science.shape
-    x0, y0 = science.origin
-    xs = np.array([x0, x0 + nx - 1, x0, x0 + nx - 1, x0 + nx / 2])
-    ys = np.array([y0, y0, y0 + ny - 1, y0 + ny - 1, y0 + ny / 2])
-    ra, dec = science.pixel_to_sky(xs, ys)
-    tx, ty = template.sky_to_pixel(ra, dec)
-    return bool(np.max(np.hypot(tx - xs, ty - ys)) < 1e-3)
+    return grid_offset(science, template) < 1e-3
+
+
+def _check_geometry(science: Exposure, template: Exposure) -> None:
+    """Fail fast (before any PSF work) when the pair cannot be put on one grid."""
+    if (science.wcs is None or template.wcs is None) and science.shape != template.shape:
+        have = "neither image has" if science.wcs is None and template.wcs is None else \
+            "only one image has"
+        raise BadInputDataError(
+            f"{have} a WCS and their shapes differ (science {science.shape}, template "
+            f"{template.shape}): cannot put the template on the science pixel grid")
 
 
 def template_on_science_grid(science: Exposure, template: Exposure, config=None) -> tuple[Exposure, str]:
@@ -102,13 +107,8 @@ def template_on_science_grid(science: Exposure, template: Exposure, config=None)
         If only one image has a WCS and the shapes differ, or neither has one
         and the shapes differ.
     """
+    _check_geometry(science, template)
     if science.wcs is None or template.wcs is None:
-        if science.shape != template.shape:
-            have = "neither image has" if science.wcs is None and template.wcs is None else \
-                "only one image has"
-            raise BadInputDataError(
-                f"{have} a WCS and their shapes differ (science {science.shape}, template "
-                f"{template.shape}): cannot put the template on the science pixel grid")
         return template.replace(wcs=science.wcs or template.wcs), "same grid (no WCS)"
     if _same_grid(science, template):
         return template, "same grid"
@@ -129,6 +129,7 @@ def subtract_pair(science: Exposure, template: Exposure, pipeline):
     if science.info.band and template.info.band and science.info.band != template.info.band:
         raise ConfigurationError(f"band mismatch: science is {science.info.band!r}, template "
                                  f"{template.info.band!r}")
+    _check_geometry(science, template)
     if science.psf is None:
         science = science.replace(psf=estimate_psf(science).psf)
     if template.psf is None:

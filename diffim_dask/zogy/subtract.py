@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -42,7 +41,7 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 from ..errors import AlgorithmError, BadInputDataError, ConfigurationError, NoWorkFound
-from ..exposure import Exposure
+from ..exposure import Exposure, validate_pair
 from ..masks import MASK_DTYPE, mask_bit, mask_value
 from ..psf.models import GridPsf, ImagePsf
 from ..subtract.result import SubtractionResult
@@ -85,33 +84,6 @@ def _prepare_config(config) -> ZogyConfig:
     if not isinstance(config, ZogyConfig):
         raise ConfigurationError(f"config must be a ZogyConfig, got {type(config).__name__}")
     return config
-
-
-def _validate_pair(science: Exposure, template: Exposure) -> None:
-    for what, exposure in (("science", science), ("template", template)):
-        if not isinstance(exposure, Exposure):
-            raise ConfigurationError(f"the {what} input must be an Exposure, got "
-                                     f"{type(exposure).__name__}")
-    if science.shape != template.shape or science.origin != template.origin:
-        raise BadInputDataError(
-            f"science (shape {science.shape}, origin {science.origin}) and template (shape "
-            f"{template.shape}, origin {template.origin}) are not on the same pixel grid; warp "
-            f"the template onto the science image first")
-    if science.info.band and template.info.band and science.info.band != template.info.band:
-        raise BadInputDataError(
-            f"science band {science.info.band!r} differs from template band {template.info.band!r}")
-    if science.wcs is not None and template.wcs is not None:
-        ny, nx = science.shape
-        x0, y0 = science.origin
-        xs = np.array([x0, x0 + nx - 1, x0, x0 + nx - 1, x0 + (nx - 1) / 2])
-        ys = np.array([y0, y0, y0 + ny - 1, y0 + ny - 1, y0 + (ny - 1) / 2])
-        ra, dec = copy.deepcopy(science.wcs).all_pix2world(xs, ys, 0)
-        tx, ty = copy.deepcopy(template.wcs).all_world2pix(ra, dec, 0)
-        offset = float(np.max(np.hypot(tx - xs, ty - ys)))
-        if not offset < 0.01:
-            raise BadInputDataError(
-                f"template WCS differs from the science WCS by up to {offset:.3g} px on the "
-                f"science grid; both exposures must share one WCS")
 
 
 def _psf(exposure: Exposure, what: str):
@@ -439,7 +411,7 @@ class _Prepared:
     """
 
     def __init__(self, science: Exposure, template: Exposure, config: ZogyConfig, timer: _Timer):
-        _validate_pair(science, template)
+        validate_pair(science, template)
         self.origin = science.origin
         self.shape = science.shape
         self.fit_background = config.background == "fit"
