@@ -18,6 +18,7 @@ Log lines (what was assumed or estimated while reading) go to the
 ``diffim_dask.io`` logger.
 """
 
+from ._atomic import atomic_output_path
 from ._errors import MissingInputError
 from ._headers import (
     HEADER_SYNONYMS,
@@ -29,6 +30,7 @@ from .fits import read_exposure, read_psf_fits, write_exposure_fits, write_psf_f
 from .zarr_store import ExposureStore
 
 __all__ = [
+    "atomic_output_path",
     "HEADER_SYNONYMS",
     "ExposureStore",
     "MissingInputError",

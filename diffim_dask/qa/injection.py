@@ -971,11 +971,11 @@ def write_injection_truth(result: InjectionResult, out: str | Path, visit: int, 
     The run's report re-injects the same sources into the science image for
     its cutouts (:func:`inject_sources` with the table and the stored seed).
     """
-    import os
-    import uuid
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from ..io import atomic_output_path
 
     path = injection_truth_path(out, visit, detector)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -983,13 +983,8 @@ def write_injection_truth(result: InjectionResult, out: str | Path, visit: int, 
     meta = dict(table.schema.metadata or {})
     meta[b"diffim_dask_injection"] = json.dumps(result.metadata, default=float).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output_path(path, overwrite=True) as temporary:
+        pq.write_table(table, temporary)
     return path
 
 

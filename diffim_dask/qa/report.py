@@ -760,9 +760,10 @@ def make_report(run_dir: str | Path, out_html: str | Path | None = None, *,
             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(f".{out_html.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out_html)
+    from ..io import atomic_output_path
+
+    with atomic_output_path(out_html, overwrite=True) as temporary:
+        Path(temporary).write_text(page, encoding="utf-8")
     return out_html
 
 

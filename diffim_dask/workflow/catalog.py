@@ -13,8 +13,6 @@ its own part and can never duplicate or half-write rows.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..io import atomic_output_path
 from ..schema import column_names, empty_catalog, validate_catalog
 
 __all__ = ["catalog_part_path", "write_catalog_part", "read_catalog", "CATALOG_DIR"]
@@ -46,13 +45,8 @@ def write_catalog_part(catalog: pd.DataFrame, out: Path, visit: int, detector: i
     table = table.drop_columns(["visit"])
     path = catalog_part_path(out, visit, detector)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output_path(path, overwrite=True) as temporary:
+        pq.write_table(table, temporary)
     return path
 
 

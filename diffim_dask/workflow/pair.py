@@ -9,9 +9,7 @@ store on its own WCS. Without WCSs the two images must share one pixel grid.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -142,18 +140,6 @@ def subtract_pair(science: Exposure, template: Exposure, pipeline):
     return subtraction, detection, how
 
 
-def _write_parquet_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _robust_sigma(values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -164,7 +150,9 @@ def _robust_sigma(values: np.ndarray) -> float:
 
 def run_subtract_command(args) -> int:
     """Implementation of ``diffim-dask subtract``."""
-    from ..io import read_exposure, write_exposure_fits
+    import pyarrow.parquet as pq
+
+    from ..io import atomic_output_path, read_exposure, write_exposure_fits
     from ..masks import mask_value
     from .pipeline import load_pipeline
 
@@ -180,7 +168,8 @@ def run_subtract_command(args) -> int:
     write_exposure_fits(detection.difference, out / "difference.fits", overwrite=True)
     if detection.score is not None:
         write_exposure_fits(detection.score, out / "score.fits", overwrite=True)
-    _write_parquet_atomic(detection.to_arrow(), out / "diaSources.parquet")
+    with atomic_output_path(out / "diaSources.parquet", overwrite=True) as temporary:
+        pq.write_table(detection.to_arrow(), temporary)
 
     image, variance, mask = detection.difference.arrays()
     good = (variance > 0) & ((mask & np.uint32(mask_value(["NO_DATA", "BAD", "SAT", "EDGE", "DETECTED",

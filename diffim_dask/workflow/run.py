@@ -35,7 +35,6 @@ import platform
 import sys
 import time
 import traceback
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -173,10 +172,11 @@ def unit_record_path(out: Path, visit: int, detector: int) -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    from ..io import atomic_output_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    with atomic_output_path(path, overwrite=True) as temporary:
+        Path(temporary).write_text(json.dumps(data, indent=1, default=_json_default))
 
 
 def _json_default(value):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,10 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def _write_parquet_atomic(frame, path: Path) -> None:
+    from ..io import atomic_output_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_output_path(path, overwrite=True) as temporary:
+        frame.to_parquet(temporary, index=False)
 
 
 def _science_task(config_dict: dict[str, Any], visit: int, detector: int, out: str) -> dict[str, Any]:
