@@ -18,7 +18,7 @@ from .evaluate import evaluate_run
 from .manifest import load_manifest
 from .pipeline import load_pipeline
 from .run import run_survey
-from .simulated_survey import _print_summary, simulate_survey_to_disk
+from .simulated_survey import _print_summary, simulate_survey_to_disk, simulation_progress
 from .survey_cli import cluster_client, print_run_summary, progress_printer
 
 __all__ = ["run_demo_command"]
@@ -37,14 +37,8 @@ def run_demo_command(args) -> int:
     with cluster_client(None, args.workers) as client:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
         print("\n1/3 Simulating the survey ...", flush=True)
-
-        def sim_progress(done, total, record):
-            what = (f"visit {record['visit']} detector {record['detector']}" if record["kind"] == "science"
-                    else f"template tract {record['tract']} patch {record['patch']}")
-            print(f"  [{done:3d}/{total}] {what} ({record['simulate_s']:.2f} s)", flush=True)
-
         summary = simulate_survey_to_disk(config, out / "survey", client=client, overwrite=True,
-                                          progress=sim_progress)
+                                          progress=simulation_progress("  "))
         _print_summary(summary, out / "survey", None)
         print(f"\n2/3 Running pipeline {pipeline.name!r} ...", flush=True)
         entries = load_manifest(out / "survey" / "manifest.yaml")

@@ -140,20 +140,13 @@ def subtract_pair(science: Exposure, template: Exposure, pipeline):
     return subtraction, detection, how
 
 
-def _robust_sigma(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan")
-    q25, q75 = np.percentile(values, [25, 75])
-    return float((q75 - q25) / 1.349)
-
-
 def run_subtract_command(args) -> int:
     """Implementation of ``diffim-dask subtract``."""
     import pyarrow.parquet as pq
 
     from ..io import atomic_output_path, read_exposure, write_exposure_fits
     from ..masks import mask_value
+    from ..subtract._stats import robust_sigma
     from .pipeline import load_pipeline
 
     pipeline = load_pipeline(args.config) if args.config else load_pipeline({})
@@ -184,7 +177,7 @@ def run_subtract_command(args) -> int:
               f"{science.psf.fwhm(*science.center):.2f} px, template {template.psf.fwhm(*template.center):.2f} px"
               if science.psf is not None and template.psf is not None else
               f"  kernel sum {meta['kernel_sum']:.4f}")
-    print(f"  difference noise: robust sigma of D/sqrt(var) = {_robust_sigma(normalised):.3f} "
+    print(f"  difference noise: robust sigma of D/sqrt(var) = {robust_sigma(normalised[np.isfinite(normalised)]):.3f} "
           f"(1 for a well-calibrated variance plane)")
     print(f"  DIA sources: {len(catalog)} ({int((~catalog['isNegative']).sum())} positive, "
           f"{int(catalog['isNegative'].sum())} negative, {int(catalog['isDipole'].sum())} dipoles)")

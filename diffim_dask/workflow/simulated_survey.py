@@ -201,6 +201,17 @@ def _print_summary(summary: dict[str, Any], out: Path, dashboard: str | None) ->
               f"  {r['n_variables']:9d}  {r['simulate_s']:6.2f}s  {r['write_s']:5.2f}s")
 
 
+def simulation_progress(indent: str = ""):
+    """A text progress callback for :func:`simulate_survey_to_disk`: one line per image."""
+
+    def progress(done, total, record):
+        what = (f"visit {record['visit']} detector {record['detector']}" if record["kind"] == "science"
+                else f"template tract {record['tract']} patch {record['patch']}")
+        print(f"{indent}[{done:3d}/{total}] {what} ({record['simulate_s']:.2f} s)", flush=True)
+
+    return progress
+
+
 def run_simulate_command(args, *, demo: bool) -> int:
     """Implementation of ``diffim-dask demo`` and ``diffim-dask simulate``."""
     from ..simulate import SurveyConfig
@@ -212,24 +223,15 @@ def run_simulate_command(args, *, demo: bool) -> int:
         args.overwrite = True  # the demo is re-runnable in place
     n_images = args.visits * args.detectors
 
-    def progress(done, total, record):
-        what = (f"visit {record['visit']} detector {record['detector']}" if record["kind"] == "science"
-                else f"template tract {record['tract']} patch {record['patch']}")
-        print(f"[{done:3d}/{total}] {what} ({record['simulate_s']:.2f} s)", flush=True)
-
     print(f"Simulating {n_images} science images ({args.visits} visits x {args.detectors} detectors, "
           f"{args.size}x{args.size} px) and their template patches on a local Dask cluster "
           f"with {args.workers} workers ...", flush=True)
-    from distributed import Client, LocalCluster
+    from .survey_cli import cluster_client
 
-    # distributed configures its loggers at INFO on import; a CLI user wants warnings only.
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with cluster_client(None, args.workers) as client:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
         summary = simulate_survey_to_disk(config, out, client=client, overwrite=args.overwrite,
-                                          progress=progress)
+                                          progress=simulation_progress())
         dashboard = client.dashboard_link
     _print_summary(summary, out, dashboard)
     return 0
