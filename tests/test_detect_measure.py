@@ -24,6 +24,7 @@ from _detect_fixtures import (
 )
 from diffim_dask.detect import DetectAndMeasureConfig, detect_and_measure
 from diffim_dask.exposure import Exposure
+from diffim_dask.masks import mask_value
 from diffim_dask.psf import GaussianPsf, ImagePsf, MoffatPsf
 
 NO_SKY = DetectAndMeasureConfig.from_dict({"sky_sources": {"n_sources": 0}})
@@ -58,10 +59,11 @@ def test_point_source_photometry_is_unbiased_and_calibrated(psf, shape, split):
     result = detect_and_measure(scene.difference, config=NO_SKY)
     catalog = result.catalog
     rows = match(catalog, xs, ys, radius=1.0)
-    # At 5 sigma, ~1e6 pixels of noise give ~0.1 false peaks; one may land next to (and
-    # merge with) a transient, so allow a single miss and a single extra source.
+    # Pure noise of 1024² gives ~0.5 peaks above 5σ in the PSF-smoothed image (measured: 2
+    # in 4 noise images, both polarities); one may land next to a transient. So allow a
+    # single miss and at most two extra sources.
     assert (rows < 0).sum() <= 1, "every injected transient is detected"
-    assert abs(len(catalog) - xs.size) <= 1, "no spurious detections"
+    assert -1 <= len(catalog) - xs.size <= 2, "no spurious detections"
     found = catalog.loc[rows[rows >= 0]]
     xs, ys, flux = xs[rows >= 0], ys[rows >= 0], flux[rows >= 0]
     measured = found["psfFlux"].to_numpy(float)
@@ -215,6 +217,50 @@ def test_trail_length_and_angle(psf):
     point = catalog.loc[match(catalog, [200.3], [110.8])[0]]
     assert np.isnan(point["trailLength"])
     assert result.metadata["n_trail_fits"] == len(truth)
+
+
+def test_noise_elongated_faint_sources_get_no_trail_fit():
+    # Adaptive-moment distortion has noise 2 / (S/N): at S/N 10-14 about a third of round
+    # point sources pass the axis-ratio cut by chance; the significance rule keeps ~1 %.
+    psf = GaussianPsf(3.0)
+    rng = np.random.default_rng(15)
+    xs, ys = grid_positions((480, 480), 30, 20, rng)
+    flux = rng.uniform(10.0, 14.0, xs.size) * 8.0 * math.sqrt(_noise_equivalent_pixels(psf))
+    scene = make_difference((480, 480), psf, points=list(zip(xs, ys, flux)), seed=16,
+                            noise_sigma=8.0)
+    result = detect_and_measure(scene.difference, config=NO_SKY)
+    assert len(result.catalog) > 0.9 * xs.size
+    assert result.metadata["n_trail_fits"] <= 0.03 * xs.size
+    lax = DetectAndMeasureConfig.from_dict({"sky_sources": {"n_sources": 0},
+                                            "trail": {"min_elongation_significance": 0.0}})
+    assert detect_and_measure(scene.difference, config=lax).metadata["n_trail_fits"] > \
+        0.15 * xs.size
+
+
+def test_forced_photometry_ignores_unusable_direct_image_pixels():
+    psf = GaussianPsf(3.2)
+    stars = [(40.3, 40.6, 8000.0, 14000.0, 0.0, 0.0), (90.2, 70.7, 9000.0, 5000.0, 0.0, 0.0)]
+    scene = make_triplet((128, 128), psf, stars, seed=17)
+    science = scene.science
+    image, variance, mask = (np.array(a) for a in science.arrays())
+    image[41, 42], variance[70, 89] = np.nan, np.inf            # non-finite: unusable
+    mask[39, 39] |= np.uint32(mask_value("SAT"))                # a bad plane: unusable
+    broken = science.with_planes(image=image, variance=variance, mask=mask)
+    flagged = mask.copy()
+    flagged[41, 42] |= np.uint32(mask_value("NO_DATA"))
+    flagged[70, 89] |= np.uint32(mask_value("NO_DATA"))
+    clean = science.with_planes(image=np.nan_to_num(image, nan=0.0),
+                                variance=np.where(np.isfinite(variance), variance, 0.0),
+                                mask=flagged)
+    kwargs = dict(matched_template=scene.template, config=NO_SKY)
+    found = detect_and_measure(scene.difference, science=broken, **kwargs).catalog
+    expected = detect_and_measure(scene.difference, science=clean, **kwargs).catalog
+    assert len(found) == 2 and np.isfinite(found["scienceFlux"]).all()
+    for name in ("scienceFlux", "scienceFluxErr", "templateFlux", "dipoleMeanFlux"):
+        np.testing.assert_array_equal(found[name].to_numpy(), expected[name].to_numpy())
+    whole = detect_and_measure(scene.difference, science=science, **kwargs).catalog
+    # The lost pixels widen the error of the first source only.
+    assert found["scienceFluxErr"].iloc[0] > whole["scienceFluxErr"].iloc[0]
 
 
 def test_two_close_sources_are_deblended():

@@ -361,6 +361,18 @@ def test_dask_backed_input_gives_the_same_catalog(mixed_scene):
     pd.testing.assert_frame_equal(eager, chunked)
 
 
+def test_threads_do_not_change_the_result(mixed_scene):
+    scene, _ = mixed_scene
+    background = {"initial_bin_size": 16, "final_bin_size": 48}     # several bands per thread
+    results = [detect_and_measure(scene.difference, config=DetectAndMeasureConfig.from_dict(
+        {"workers": workers, "background": background})) for workers in (1, 2, 3)]
+    for other in results[1:]:
+        pd.testing.assert_frame_equal(results[0].catalog, other.catalog)
+        np.testing.assert_array_equal(results[0].difference.arrays()[0],
+                                      other.difference.arrays()[0])
+        np.testing.assert_array_equal(results[0].background.grid, other.background.grid)
+
+
 def test_input_is_not_modified(mixed_scene):
     scene, _ = mixed_scene
     before = [a.copy() for a in scene.difference.arrays()]

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from _detect_fixtures import add_point, add_trail
 from diffim_dask.detect import (
@@ -19,6 +19,8 @@ from diffim_dask.detect import (
     place_sky_sources,
     significance,
 )
+from diffim_dask.detect._fourier import FourierPsf, levenberg_marquardt
+from diffim_dask.detect.background import _median_filter, interpolate_grid
 from diffim_dask.detect.detection import correlate_separable
 from diffim_dask.detect.footprints import (
     find_peaks,
@@ -27,7 +29,7 @@ from diffim_dask.detect.footprints import (
     subpixel_peak,
     threshold_pixels,
 )
-from diffim_dask.detect.measure import adaptive_moments, aperture_flux, gather
+from diffim_dask.detect.measure import PsfStamps, adaptive_moments, aperture_flux, gather
 from diffim_dask.masks import mask_value
 from diffim_dask.psf import GaussianPsf, MoffatPsf
 
@@ -225,6 +227,90 @@ def test_trail_fit_recovers_length_angle_and_flux():
     assert fit.x == pytest.approx(30.0, abs=0.3) and fit.y == pytest.approx(29.0, abs=0.3)
 
 
+def test_background_does_not_depend_on_the_number_of_threads():
+    rng = np.random.default_rng(12)
+    shape = (333, 250)                     # not a multiple of the bins: partial edge bins
+    image = (rng.normal(size=shape) * 3 + 0.01 * np.arange(shape[1])).astype(np.float32)
+    variance = np.full(shape, 9.0, np.float32)
+    mask = np.zeros(shape, np.uint32)
+    mask[rng.random(shape) < 0.2] = mask_value("BAD")
+    mask[:90, :70] = mask_value("BAD")     # empty super-pixels, filled from neighbours
+    one = estimate_background(image, variance, mask, bin_size=16, workers=1)
+    terms = [(np.array([0.25, 0.5, 0.25]), np.array([0.2, 0.6, 0.2]))]
+    for workers in (2, 3):
+        many = estimate_background(image, variance, mask, bin_size=16, workers=workers)
+        np.testing.assert_array_equal(many.grid, one.grid)
+        assert many.n_filled == one.n_filled > 0
+        np.testing.assert_array_equal(many.image, one.image)
+        np.testing.assert_array_equal(many.filtered(terms), one.filtered(terms))
+    # The running median of the grid equals scipy's on the grid's interior.
+    grid = rng.normal(size=(12, 9))
+    padded = np.pad(grid, 1, mode="edge")
+    expected = ndimage.median_filter(padded, size=3, mode="nearest")[1:-1, 1:-1]
+    np.testing.assert_array_equal(_median_filter(padded, 3), expected)
+    # Band-split interpolation equals the single product.
+    np.testing.assert_array_equal(interpolate_grid(grid, (100, 77), 9, workers=4),
+                                  interpolate_grid(grid, (100, 77), 9, workers=1))
+
+
+def test_levenberg_marquardt_fits_bounded_nonlinear_models():
+    t = np.linspace(0.0, 4.0, 60)
+    truth = np.array([3.0, 0.7, 0.5])
+    rng = np.random.default_rng(13)
+    data = truth[0] * np.exp(-truth[1] * t) + truth[2] + rng.normal(size=t.size) * 0.01
+
+    def evaluate(p):
+        e = np.exp(-p[1] * t)
+        resid = (data - (p[0] * e + p[2])) / 0.01
+        jac = -np.column_stack([e, -p[0] * t * e, np.ones_like(t)]) / 0.01
+        return resid, jac
+
+    lower, upper = np.array([0.0, 0.0, -5.0]), np.array([10.0, 5.0, 5.0])
+    params, jac, converged = levenberg_marquardt(evaluate, [1.0, 2.0, 0.0], lower, upper,
+                                                 max_evaluations=100)
+    assert converged and jac.shape == (t.size, 3)
+    cov = np.linalg.inv(jac.T @ jac)
+    # scipy's answer with tight tolerances, to a small fraction of the errors.
+    reference = optimize.least_squares(lambda p: evaluate(p)[0], params, jac=lambda p: evaluate(p)[1],
+                              xtol=1e-14, ftol=1e-14, gtol=1e-14).x
+    assert np.all(np.abs(params - reference) < 0.05 * np.sqrt(np.diag(cov)))
+    assert np.all(np.abs(params - truth) < 5 * np.sqrt(np.diag(cov)))
+    # A bound that excludes the minimum pins the parameter there.
+    pinned, _, converged = levenberg_marquardt(evaluate, [1.0, 2.0, 0.0], lower,
+                                               np.array([10.0, 0.5, 5.0]), max_evaluations=100)
+    assert converged and pinned[1] == 0.5
+    # An exhausted budget is reported.
+    _, _, converged = levenberg_marquardt(evaluate, [1.0, 4.0, 3.0], lower, upper,
+                                          max_evaluations=3)
+    assert not converged
+
+
+def test_trailed_model_gradient_matches_finite_differences():
+    psf = MoffatPsf(3.5, beta=3.0)
+    model = FourierPsf(psf, 50.0, 50.0, (40, 45))
+    params = np.array([20.3, 18.7, 7.3, -4.1])
+    planes = model.trail_with_gradient(*params)
+    np.testing.assert_allclose(planes[0], model.model(*params), atol=1e-15)
+    assert planes[0].sum() == pytest.approx(1.0, abs=1e-3)
+    for k in range(4):
+        step = np.zeros(4)
+        step[k] = 1e-5
+        numeric = (model.model(*(params + step)) - model.model(*(params - step))) / 2e-5
+        # Centre derivatives leave out the (negligible) Nyquist terms: agreement ~1e-4.
+        assert np.abs(numeric - planes[k + 1]).max() < 1e-4 * np.abs(planes[k + 1]).max()
+
+
+def test_psf_stamps_render_directly_or_from_the_offset_table_alike():
+    psf = MoffatPsf(3.2, beta=3.0)
+    rng = np.random.default_rng(14)
+    x, y = rng.uniform(20, 80, 40), rng.uniform(20, 80, 40)
+    table = PsfStamps(psf, 7, (100, 100), (0, 0))
+    direct = PsfStamps(psf, 7, (100, 100), (0, 0), expected_renders=40)
+    a, b = table.render(x, y), direct.render(x, y)
+    assert table._table is not None and direct._table is None
+    assert np.abs(a - b).max() < 5e-4 * b.max()     # bilinear steps of 1/20 pixel
+
+
 def test_sky_sources_avoid_planes_and_each_other():
     shape = (200, 200)
     mask = np.zeros(shape, np.uint32)
@@ -238,6 +324,18 @@ def test_sky_sources_avoid_planes_and_each_other():
     full = np.full(shape, mask_value("BAD"), np.uint32)
     ys, _ = place_sky_sources(full, n_sources=10, radius=8.0, avoid_planes=("BAD",), rng=rng)
     assert ys.size == 0
+    # More sources asked for than fit: as many as the spacing allows, still 2 r apart, and
+    # the same for the same seed.
+    crowded = np.zeros((120, 120), np.uint32)
+    ys, xs = place_sky_sources(crowded, n_sources=200, radius=8.0, avoid_planes=("BAD",),
+                               rng=np.random.default_rng(3))
+    assert 20 < ys.size < 200
+    d2 = (xs[:, None] - xs[None, :]) ** 2 + (ys[:, None] - ys[None, :]) ** 2
+    assert d2[~np.eye(ys.size, dtype=bool)].min() >= 16**2
+    again = place_sky_sources(crowded, n_sources=200, radius=8.0, avoid_planes=("BAD",),
+                              rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(again[0], ys)
+    np.testing.assert_array_equal(again[1], xs)
 
 
 def test_streak_finder_joins_a_broken_streak_and_ignores_short_trails():

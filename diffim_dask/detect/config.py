@@ -107,6 +107,18 @@ class DetectionConfig(ConfigBase):
     max_peaks_per_footprint: int = config_field(
         100, "Largest number of same-sign peaks kept (the brightest) in one footprint; bounds "
         "the work on pathological footprints such as a flooded image.", minimum=1)
+    dipole_link_fwhm: float = config_field(
+        2.0, "Kept peaks of opposite signs in one merged footprint are one source (a dipole "
+        "candidate) when they are at most this many PSF FWHM apart and the significance runs "
+        "monotonically between them (dipole lobes are ~1.2 FWHM apart); farther peaks stay "
+        "separate sources unless their thresholded regions touch (dipole_max_gap_fwhm).",
+        minimum=0.0)
+    dipole_max_gap_fwhm: float = config_field(
+        0.5, "Opposite-sign peaks farther apart than dipole_link_fwhm are still one source when "
+        "the segment joining them runs below threshold for at most this many PSF FWHM (the "
+        "touching lobes of a strong, widely separated dipole; at least one pixel is sampled "
+        "below threshold at the zero crossing) and the significance is monotonic along it.",
+        minimum=0.0)
     exclude_planes: tuple[str, ...] = config_field(
         (), "Pixels in these planes get zero image and variance before filtering (NO_DATA "
         "and non-finite pixels always do).", choices=_PLANES)
@@ -210,6 +222,12 @@ class TrailConfig(ConfigBase):
     min_length_fwhm: float = config_field(
         0.5, "Smallest moment-based length estimate sqrt(12 (major - major_psf)), in PSF FWHM, "
         "of a trail candidate.", minimum=0.0)
+    min_elongation_significance: float = config_field(
+        3.0, "Criterion 1 also needs the elongation to be real: the moment distortion "
+        "|e| = (major - minor) / (major + minor) at least this many times its noise 2 / (S/N) "
+        "(S/N of the PSF flux; a round source passes by chance with probability "
+        "exp(-k^2 / 2), 1 % at 3). Without it noise makes about half the sources at S/N 10 "
+        "pass the axis-ratio cut.", minimum=0.0)
     min_footprint_aspect: float = config_field(
         1.5, "Trail candidates, criterion 2 (undivided footprints): footprint elongation at least "
         "this and footprint length excess above min_length_fwhm; long trails can defeat the "
@@ -252,9 +270,10 @@ class FilterConfig(ConfigBase):
     drop_flags: tuple[str, ...] = config_field(
         ("pixelFlags_offimage", "pixelFlags_interpolatedCenterAll", "pixelFlags_badCenter",
          "pixelFlags_edgeCenter", "pixelFlags_nodataCenter", "pixelFlags_saturatedCenter",
-         "pixelFlags_sat_templateCenter"),
-        "Measured sources with any of these flags are removed (anchor badSourceFlags); sky "
-        "sources are never removed.", choices=DROPPABLE_FLAGS)
+         "pixelFlags_sat_templateCenter", "pixelFlags_crCenter"),
+        "Measured sources with any of these flags are removed (anchor badSourceFlags, plus "
+        "cosmic-ray centres as the anchor's association filter does); sky sources are never "
+        "removed.", choices=DROPPABLE_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -276,6 +295,11 @@ class DetectAndMeasureConfig(ConfigBase):
     raise_on_no_sources: bool = config_field(
         False, "Raise AlgorithmError when no DIA source (sky sources excluded) survives; the "
         "anchor raises, we return an empty catalog by default.")
+    workers: int = config_field(
+        0, "Threads for the whole-image steps (convolutions, background medians and "
+        "interpolation run two at a time); 0 = all available cores, or 1 inside a Dask worker "
+        "(the scheduler already runs images in parallel). Results do not depend on it.",
+        minimum=0)
 
     def validate(self) -> None:
         if self.background.final_bin_size < self.background.initial_bin_size:

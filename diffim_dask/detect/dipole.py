@@ -12,9 +12,12 @@ backgrounds). The fit minimises
 
 with **inverse-variance weights** in every term (the anchor's fit is
 unweighted) and ``λ`` the direct-image weight. The four positions are fitted
-by Levenberg–Marquardt-type least squares; for given positions the fluxes and
-backgrounds are the closed-form linear solution (variable projection), with
-Kaufman's Jacobian built from the Fourier derivatives of the shifted PSFs.
+by Levenberg–Marquardt (:func:`~diffim_dask.detect._fourier.levenberg_marquardt`);
+for given positions the fluxes and backgrounds are the closed-form linear
+solution (variable projection, through a QR factorisation of the weighted
+design ``A = Q R``), with Kaufman's Jacobian
+``J_k = −(I − Q Qᵀ) (∂A/∂p_k) c`` built from the Fourier derivatives of the
+shifted PSFs.
 
 Classification (anchor rule, with a variance-weighted significance):
 ``isDipole`` when the fit converged, both lobe fluxes are positive, the
@@ -30,9 +33,7 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy import optimize
-
-from ._fourier import FourierPsf
+from ._fourier import FourierPsf, levenberg_marquardt
 
 __all__ = ["DipoleFit", "fit_dipole", "classify_dipole"]
 
@@ -154,37 +155,26 @@ def fit_dipole(difference, science=None, template=None, *, psfs, origin, start,
             derivs = [(0, np.concatenate([dpx, dsx, zero])), (0, np.concatenate([dpy, dsy, zero])),
                       (1, np.concatenate([-dnx, zero, dtx])), (1, np.concatenate([-dny, zero, dty]))]
         a = columns * sqrt_w[:, None]
-        coeffs, *_ = np.linalg.lstsq(a, target, rcond=None)
+        q, r = np.linalg.qr(a)
+        diagonal = np.abs(np.diag(r))
+        if diagonal.min() > 1e-10 * max(float(diagonal.max()), 1e-300):
+            coeffs = np.linalg.solve(r, q.T @ target)
+        else:
+            # Degenerate design (coincident lobes, empty direct images): minimum-norm solution.
+            coeffs, *_ = np.linalg.lstsq(a, target, rcond=None)
         resid = target - a @ coeffs
-        q, _ = np.linalg.qr(a)
-        jac = np.empty((target.size, 4))
-        for k, (col, d) in enumerate(derivs):
-            g = sqrt_w * d * coeffs[col]
-            jac[:, k] = -(g - q @ (q.T @ g))       # Kaufman's variable-projection Jacobian
+        grads = np.stack([sqrt_w * d * coeffs[col] for col, d in derivs], axis=1)
+        jac = -(grads - q @ (q.T @ grads))       # Kaufman's variable-projection Jacobian
         value = (a, coeffs, resid, jac)
         cache["key"], cache["value"] = key, value
         return value
 
-    def solve(params):
-        a, coeffs, _, _ = evaluate(params)
-        return a, coeffs
-
-    def residuals(params):
-        return evaluate(params)[2]
-
-    def jacobian(params):
-        return evaluate(params)[3]
-
-    lower = [x0, y0, x0, y0]
-    upper = [x1 - 1, y1 - 1, x1 - 1, y1 - 1]
-    p0 = np.clip(np.asarray(start, float), np.array(lower) + 1e-3, np.array(upper) - 1e-3)
-    try:
-        result = optimize.least_squares(residuals, p0, jac=jacobian, bounds=(lower, upper),
-                                        method="trf", x_scale=1.0, max_nfev=max_evaluations)
-        params, converged, jac = result.x, bool(result.success), result.jac
-    except (ValueError, np.linalg.LinAlgError):
-        params, converged, jac = p0, False, None
-    a, coeffs = solve(params)
+    lower = np.array([x0, y0, x0, y0], dtype=float)
+    upper = np.array([x1 - 1, y1 - 1, x1 - 1, y1 - 1], dtype=float)
+    p0 = np.clip(np.asarray(start, float), lower + 1e-3, upper - 1e-3)
+    params, jac, converged = levenberg_marquardt(lambda p: evaluate(p)[2:], p0, lower, upper,
+                                                 max_evaluations=max_evaluations)
+    a, coeffs, _, _ = evaluate(params)
     resid = target - a @ coeffs
     chi2_d = float((resid[:n_pix] ** 2).sum())
     chi2_null = float((target[:n_pix] ** 2).sum())
@@ -193,12 +183,10 @@ def fit_dipole(difference, science=None, template=None, *, psfs, origin, start,
         lin_cov = np.linalg.inv(a.T @ a)
     except np.linalg.LinAlgError:
         lin_cov = np.full((a.shape[1], a.shape[1]), np.nan)
-    pos_cov = np.full((4, 4), np.nan)
-    if jac is not None:
-        try:
-            pos_cov = np.linalg.inv(jac.T @ jac)
-        except np.linalg.LinAlgError:
-            pass
+    try:
+        pos_cov = np.linalg.inv(jac.T @ jac)
+    except np.linalg.LinAlgError:
+        pos_cov = np.full((4, 4), np.nan)
     xp, yp, xn, yn = params
     dx, dy = xp - xn, yp - yn
     x_err = 0.5 * math.sqrt(max(pos_cov[0, 0] + pos_cov[2, 2] + 2 * pos_cov[0, 2], 0.0)) \

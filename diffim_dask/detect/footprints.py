@@ -11,14 +11,22 @@ Rules (anchor §8.2 steps 4–5, plus peak separation):
   or ``ν ≤ -t`` (negative) with at least ``min_pixels`` pixels, each grown
   isotropically by ``r`` pixels (a disc).
 * The grown positive and negative footprints are merged: connected regions of
-  their union are *merged footprints*. A merged footprint that holds peaks of
-  both signs becomes **one** source (a dipole candidate), never two.
-* In a merged footprint with peaks of one sign only, a peak is kept when it is
-  at least ``min_separation`` pixels from every brighter kept peak and rises
-  above the lowest significance on the straight line to the nearest brighter
-  kept peak by ``min_contrast`` sigma and by ``min_contrast_fraction`` of its
-  own significance; every kept peak is a source, and the
-  footprint's pixels go to the nearest kept peak (child footprints).
+  their union are *merged footprints*.
+* Peaks of each sign in a merged footprint are culled: a peak is kept when it
+  is at least ``min_separation`` pixels from every brighter kept peak of its
+  sign and rises above the lowest significance on the straight line to the
+  nearest brighter kept peak by ``min_contrast`` sigma and by
+  ``min_contrast_fraction`` of its own significance.
+* Kept peaks of opposite signs are *linked* when ν runs monotonically from one
+  to the other (no stronger extremum on the segment joining them) and they
+  are either close (``dipole_link_distance``) or their thresholded regions
+  touch (at most ``dipole_max_gap`` pixels below threshold on the segment).
+  Linked peaks (transitively) form **one** source, a dipole candidate: the two
+  lobes of a dipole, or the lobes of a mis-subtracted bright star, are never
+  split. Every other kept peak is a source of its own, so a transient beside
+  a dipole residual, inside the residual's grown footprint, keeps its row.
+* The footprint's pixels go to the source of the nearest kept peak (child
+  footprints).
 """
 
 from __future__ import annotations
@@ -274,9 +282,74 @@ def _cull_peaks(nu, ys, xs, sign, min_separation, min_contrast, min_fraction):
     return kept
 
 
+def _segment_profiles(nu: np.ndarray, above: np.ndarray, ys0, xs0, ys1, xs1):
+    """Profiles of ``nu`` on the segments between pairs of peaks.
+
+    Each segment is sampled every half pixel or finer; ``above`` marks the
+    thresholded pixels (either sign). Both ends are peaks, hence above.
+
+    Returns
+    -------
+    gap : numpy.ndarray of float
+        Longest run (pixels) of sub-threshold samples on each segment.
+    high, low : numpy.ndarray of float
+        Largest and smallest ``nu`` on each segment.
+    """
+    dist = np.hypot(ys1 - ys0, xs1 - xs0)
+    n = int(np.ceil(2 * dist.max())) + 2 if dist.size else 2
+    t = np.linspace(0.0, 1.0, n)
+    yy = np.rint(ys0[:, None] + t[None, :] * (ys1 - ys0)[:, None]).astype(np.int64)
+    xx = np.rint(xs0[:, None] + t[None, :] * (xs1 - xs0)[:, None]).astype(np.int64)
+    steps = np.arange(n)
+    last_above = np.maximum.accumulate(np.where(above[yy, xx], steps, 0), axis=1)
+    gap = (steps - last_above).max(axis=1) * dist / (n - 1)
+    values = nu[yy, xx]
+    return gap, values.max(axis=1), values.min(axis=1)
+
+
+def _link_opposite_peaks(nu, above, peak_y, peak_x, peak_sign, peak_fp, mixed, link_distance,
+                         max_gap, tolerance):
+    """Edges ``(i, j)`` between opposite-sign kept peaks that form one dipole-like source.
+
+    In a footprint holding both signs, a positive peak ``i`` and a negative
+    peak ``j`` belong together when ``nu`` runs from one to the other without
+    passing a stronger extremum (on the segment joining them,
+    ``max nu ≤ nu_i + tolerance`` and ``min nu ≥ nu_j - tolerance``: a source
+    beside a dipole reaches the far lobe only across the near lobe), and
+    either they are at most ``link_distance`` apart (the lobes of a dipole
+    are about 1.2 FWHM apart in the matched-filtered image) or the segment
+    leaves the thresholded pixels for at most ``max_gap`` pixels (the lobes
+    of a strong, widely separated dipole touch at the zero crossing; an
+    unrelated source sits across a stretch of sky).
+    """
+    rows, cols = [], []
+    for fp in np.flatnonzero(mixed):
+        members = np.flatnonzero(peak_fp == fp)
+        pos = members[peak_sign[members] > 0]
+        neg = members[peak_sign[members] < 0]
+        ii = np.repeat(pos, neg.size)
+        jj = np.tile(neg, pos.size)
+        linked = np.zeros(ii.size, dtype=bool)
+        for chunk in np.array_split(np.arange(ii.size), max(1, ii.size // 256)):
+            i, j = ii[chunk], jj[chunk]
+            gap, high, low = _segment_profiles(nu, above, peak_y[i], peak_x[i], peak_y[j],
+                                               peak_x[j])
+            dist = np.hypot(peak_y[i] - peak_y[j], peak_x[i] - peak_x[j])
+            monotone = ((high <= nu[peak_y[i], peak_x[i]] + tolerance)
+                        & (low >= nu[peak_y[j], peak_x[j]] - tolerance))
+            linked[chunk] = monotone & ((dist <= link_distance) | (gap <= max_gap))
+        rows.append(ii[linked])
+        cols.append(jj[linked])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 def build_sources(nu: np.ndarray, positive: np.ndarray | None, negative: np.ndarray | None,
                   *, grow_radius: int, min_separation: float, min_contrast: float,
-                  min_contrast_fraction: float = 0.1, max_peaks: int = 100) -> SourceList:
+                  min_contrast_fraction: float = 0.1, max_peaks: int = 100,
+                  dipole_link_distance: float | None = None,
+                  dipole_max_gap: float | None = None) -> SourceList:
     """Grow, merge and deblend thresholded footprints into a :class:`SourceList`.
 
     Parameters
@@ -293,7 +366,26 @@ def build_sources(nu: np.ndarray, positive: np.ndarray | None, negative: np.ndar
     max_peaks : int
         Largest number of same-sign peaks kept in one footprint (the brightest);
         it bounds the work on pathological footprints (e.g. a flooded image).
+    dipole_link_distance, dipole_max_gap : float, optional
+        Opposite-sign peaks of a merged footprint form one source (a dipole
+        candidate) when they are at most ``dipole_link_distance`` pixels
+        apart, or when the segment joining them crosses at most
+        ``dipole_max_gap`` pixels below threshold; other peaks of the
+        footprint stay sources of their own. Defaults: ``2 * min_separation``
+        and ``0.5 * min_separation`` (2 and 0.5 FWHM with the default
+        separation of 1 FWHM).
+
+    Notes
+    -----
+    Peaks linked by the dipole rule are grouped transitively (connected
+    components), so a residual with several lobes of both signs is one
+    source; a group of one sign is a single peak. Each source's child
+    footprint is the set of footprint pixels nearest to one of its peaks.
     """
+    if dipole_link_distance is None:
+        dipole_link_distance = 2.0 * min_separation
+    if dipole_max_gap is None:
+        dipole_max_gap = 0.5 * min_separation
     shape = nu.shape
     nx = shape[1]
     empty = np.zeros(0, dtype=np.int64)
@@ -330,56 +422,79 @@ def build_sources(nu: np.ndarray, positive: np.ndarray | None, negative: np.ndar
         keep[members[kept]] = True
     peak_y, peak_x, peak_sign, peak_fp = peak_y[keep], peak_x[keep], peak_sign[keep], peak_fp[keep]
     peak_nu = nu[peak_y, peak_x].astype(float)
+    n_peaks = peak_y.size
 
-    # Footprints holding peaks of both signs become one source each.
+    # Group the kept peaks: opposite-sign peaks of one dipole-like residual are one source.
     has_pos = np.zeros(n_merged, dtype=bool)
     has_neg = np.zeros(n_merged, dtype=bool)
     has_pos[peak_fp[peak_sign > 0]] = True
     has_neg[peak_fp[peak_sign < 0]] = True
     mixed = has_pos & has_neg
-    order = np.lexsort((-np.abs(peak_nu), peak_fp))         # by footprint, brightest first
-    peak_y, peak_x, peak_sign, peak_fp, peak_nu = (a[order] for a in
-                                                   (peak_y, peak_x, peak_sign, peak_fp, peak_nu))
-    first_of_fp = np.r_[True, peak_fp[1:] != peak_fp[:-1]] if peak_fp.size else np.zeros(0, bool)
-    is_mixed = mixed[peak_fp] if peak_fp.size else np.zeros(0, bool)
-    rows = ~is_mixed | first_of_fp
+    group = np.arange(n_peaks, dtype=np.int64)
+    if mixed.any():
+        above = scratch.ravel()
+        above[positive] = True
+        above[negative] = True
+        ii, jj = _link_opposite_peaks(nu, scratch, peak_y, peak_x, peak_sign, peak_fp, mixed,
+                                      dipole_link_distance, dipole_max_gap, min_contrast)
+        above[positive] = False
+        above[negative] = False
+        graph = sparse.coo_matrix((np.ones(ii.size, dtype=np.int8), (ii, jj)),
+                                  shape=(n_peaks, n_peaks))
+        group = csgraph.connected_components(graph, directed=False)[1].astype(np.int64)
+    group_pos = np.zeros(n_peaks, dtype=bool)
+    group_neg = np.zeros(n_peaks, dtype=bool)
+    group_pos[group[peak_sign > 0]] = True
+    group_neg[group[peak_sign < 0]] = True
+    is_mixed = (group_pos & group_neg)[group] if n_peaks else np.zeros(0, bool)
+
+    # Sources: one per group, ordered by footprint then brightness; the primary peak is the
+    # brightest of the group.
+    order = np.lexsort((-np.abs(peak_nu), peak_fp))
+    peak_y, peak_x, peak_sign, peak_fp, peak_nu, group, is_mixed = (
+        a[order] for a in (peak_y, peak_x, peak_sign, peak_fp, peak_nu, group, is_mixed))
+    _, first = np.unique(group, return_index=True)
+    rows = np.zeros(n_peaks, dtype=bool)
+    rows[first] = True
+    source_of_group = np.full(n_peaks, -1, dtype=np.int64)
+    source_of_group[group[rows]] = np.arange(int(rows.sum()))
+    peak_source = source_of_group[group]
     kind = np.where(is_mixed, 0, peak_sign)[rows]
     src_fp = peak_fp[rows]
     n_sources = int(rows.sum())
     pos_y = np.full(n_sources, -1, dtype=np.int64)
     pos_x, neg_y, neg_x = pos_y.copy(), pos_y.copy(), pos_y.copy()
-    if mixed.any():
-        # Brightest peak of each sign in every mixed footprint (order is brightest-first).
-        for sgn, ty, tx in ((1, pos_y, pos_x), (-1, neg_y, neg_x)):
-            sel = np.flatnonzero(is_mixed & (peak_sign == sgn))
-            fp_sel = peak_fp[sel]
-            first = sel[np.r_[True, fp_sel[1:] != fp_sel[:-1]]]
-            src_index = np.searchsorted(src_fp, peak_fp[first])
-            ty[src_index] = peak_y[first]
-            tx[src_index] = peak_x[first]
+    for sgn, ty, tx in ((1, pos_y, pos_x), (-1, neg_y, neg_x)):
+        # Brightest peak of each sign in every mixed group (order is brightest-first).
+        sel = np.flatnonzero(is_mixed & (peak_sign == sgn))
+        if sel.size:
+            _, first_sel = np.unique(peak_source[sel], return_index=True)
+            lobe = sel[first_sel]
+            ty[peak_source[lobe]] = peak_y[lobe]
+            tx[peak_source[lobe]] = peak_x[lobe]
     per_fp = np.bincount(src_fp, minlength=n_merged)
     group_size = per_fp[src_fp] if n_sources else empty
 
-    # Footprint pixels -> sources: the footprint's only source, or the nearest kept peak.
+    # Footprint pixels -> sources: the footprint's only source, or the source of the nearest
+    # kept peak.
     pix_y, pix_x = np.divmod(union, nx)
     first_source = np.full(n_merged, -1, dtype=np.int64)
     if n_sources:
         starts = np.flatnonzero(np.r_[True, src_fp[1:] != src_fp[:-1]])
         first_source[src_fp[starts]] = starts
     pix_source = first_source[merged] if union.size else empty
-    src_y, src_x = peak_y[rows], peak_x[rows]
     blended = np.flatnonzero(per_fp > 1)
     if blended.size:
         in_blend = np.flatnonzero(np.isin(merged, blended))
         for fp in blended:
-            members = np.flatnonzero(src_fp == fp)
+            members = np.flatnonzero(peak_fp == fp)
             sel = in_blend[merged[in_blend] == fp]
-            tree = cKDTree(np.column_stack([src_y[members], src_x[members]]))
+            tree = cKDTree(np.column_stack([peak_y[members], peak_x[members]]))
             _, nearest = tree.query(np.column_stack([pix_y[sel], pix_x[sel]]))
-            pix_source[sel] = members[nearest]
+            pix_source[sel] = peak_source[members[nearest]]
     keep_pix = pix_source >= 0
     return SourceList(
-        peak_y=src_y, peak_x=src_x, nu=peak_nu[rows], kind=kind, footprint=src_fp,
+        peak_y=peak_y[rows], peak_x=peak_x[rows], nu=peak_nu[rows], kind=kind, footprint=src_fp,
         group_size=group_size, pos_y=pos_y, pos_x=pos_x, neg_y=neg_y, neg_x=neg_x,
         pixel_y=pix_y[keep_pix], pixel_x=pix_x[keep_pix], pixel_source=pix_source[keep_pix],
         detected_positive=grown_pos, detected_negative=grown_neg,

@@ -122,10 +122,19 @@ class PsfStamps:
         measured (that of the source moments; default ``h``).
     shape, origin : tuple
         Image shape ``(ny, nx)`` and parent-frame origin ``(x0, y0)``.
+    expected_renders : int, optional
+        How many stamps the caller will render in all. A constant PSF is
+        pre-rendered on a table of ``25 x 25`` sub-pixel offsets only when
+        more stamps than that are expected (default: always); fewer are
+        rendered one by one (small images, alert stamps).
     """
 
-    def __init__(self, psf: PsfModel, half: int, shape, origin, moments_half: int | None = None):
+    def __init__(self, psf: PsfModel, half: int, shape, origin, moments_half: int | None = None,
+                 expected_renders: int | None = None):
         self.psf = psf
+        self._use_table = (not psf.is_spatially_varying
+                           and (expected_renders is None
+                                or expected_renders >= _OFFSET_NODES.size ** 2))
         self.half = int(half)
         self.size = 2 * self.half + 1
         self.origin = origin
@@ -170,7 +179,9 @@ class PsfStamps:
         same centres for shifted positions so every stamp shares one grid.
         A PSF that does not vary over the image is rendered once on a grid of
         sub-pixel offsets (step 1/20 pixel) and interpolated bilinearly in the
-        offset (error ~1e-4 of the peak); a varying PSF is rendered per source.
+        offset (error a few 1e-4 of the peak) when many stamps are expected; a
+        varying PSF, or a constant one needed for few stamps, is rendered per
+        source.
         """
         x = np.asarray(x, float)
         y = np.asarray(y, float)
@@ -180,7 +191,7 @@ class PsfStamps:
         out = np.empty((x.size, self.size, self.size))
         lo, step = _OFFSET_NODES[0], _OFFSET_NODES[1] - _OFFSET_NODES[0]
         cached = np.zeros(x.size, dtype=bool)
-        if not self.psf.is_spatially_varying:
+        if self._use_table:
             cached = ((off_x >= lo) & (off_x <= -lo) & (off_y >= lo) & (off_y <= -lo))
         if cached.any():
             table = self._offset_table()

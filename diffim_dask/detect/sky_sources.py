@@ -5,8 +5,8 @@ in the avoided planes (DETECTED, DETECTED_NEGATIVE, BAD, NO_DATA, EDGE by
 default) or off the image. Candidate positions are drawn uniformly with a
 seeded generator, their discs checked against the mask (cost proportional to
 the number of candidates, not to the image area), and accepted greedily when
-at least ``2 * radius`` from those already accepted, so footprints do not
-overlap.
+at least ``2 * radius`` from those already accepted (looked up in a grid of
+cells), so footprints do not overlap.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def place_sky_sources(mask: np.ndarray, *, n_sources: int, radius: float, avoid_
         return np.zeros(0, int), np.zeros(0, int)
     bits = np.uint32(mask_value(avoid_planes)) if avoid_planes else np.uint32(0)
     dy, dx = disk_offsets(radius)
+    # The greedy spacing test runs once per free candidate (tens of thousands on a crowded
+    # image): accepted positions are binned in cells of side >= 2 radius, so only the 3 x 3
+    # neighbouring cells can hold one closer than 2 radius.
+    cell = max(int(np.ceil(2 * radius)), 1)
+    occupied: dict[tuple[int, int], list[tuple[int, int]]] = {}
     accepted_y: list[int] = []
     accepted_x: list[int] = []
     min_dist2 = (2 * radius) ** 2
@@ -51,13 +56,17 @@ def place_sky_sources(mask: np.ndarray, *, n_sources: int, radius: float, avoid_
         xs = rng.integers(r, nx - r, size=30 * n_sources)
         discs = mask[ys[:, None] + dy[None, :], xs[:, None] + dx[None, :]]
         free = ~((discs & bits) != 0).any(axis=1)
-        for y, x in zip(ys[free], xs[free]):
-            if accepted_y:
-                d2 = (np.asarray(accepted_y) - y) ** 2 + (np.asarray(accepted_x) - x) ** 2
-                if d2.min() < min_dist2:
-                    continue
-            accepted_y.append(int(y))
-            accepted_x.append(int(x))
+        for y, x in zip(ys[free].tolist(), xs[free].tolist()):
+            cy, cx = y // cell, x // cell
+            if any((y - ay) ** 2 + (x - ax) ** 2 < min_dist2
+                   for ky in (cy - 1, cy, cy + 1) for kx in (cx - 1, cx, cx + 1)
+                   for ay, ax in occupied.get((ky, kx), ())):
+                continue
+            occupied.setdefault((cy, cx), []).append((y, x))
+            accepted_y.append(y)
+            accepted_x.append(x)
             if len(accepted_y) == n_sources:
-                return np.asarray(accepted_y), np.asarray(accepted_x)
-    return np.asarray(accepted_y, dtype=int), np.asarray(accepted_x, dtype=int)
+                break
+        if len(accepted_y) == n_sources:
+            break
+    return np.asarray(accepted_y, dtype=np.int64), np.asarray(accepted_x, dtype=np.int64)

@@ -18,14 +18,19 @@
 7. measurement of every source on the difference (:mod:`.measure`):
    centroid, PSF flux, aperture flux, adaptive moments, extendedness; dipole
    fits of merged two-sign footprints (:mod:`.dipole`); trail fits of
-   elongated sources (:mod:`.trail`); forced PSF photometry on the science
-   image and the matched template; pixel flags;
+   significantly elongated sources (:mod:`.trail`; the rules are those of
+   :class:`~diffim_dask.detect.config.TrailConfig`); forced PSF photometry on
+   the science image and the matched template (only the stamps' pixels of
+   those images are read and cleaned); pixel flags;
 8. removal of sources with bad flags (:mod:`.filters`), ids, sky
    coordinates, calibration to nJy, the catalog and the metadata.
 
 All the work is on numpy arrays (dask inputs are computed once); per-source
 work is batched over all sources except the few nonlinear fits (dipoles,
-trails) and the joint fits of overlapping deblended siblings.
+trails; Levenberg–Marquardt with analytic Jacobians, a few milliseconds each)
+and the joint fits of overlapping deblended siblings. The whole-image steps
+of the background run on ``config.workers`` threads (default: the available
+cores, one inside a Dask worker); the result does not depend on it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from typing import Any
 
@@ -46,7 +52,7 @@ from ..exposure import Exposure
 from ..masks import MASK_PLANES, mask_value, plane_set
 from ..psf.models import FWHM_PER_SIGMA, PsfModel
 from ..schema import CENTER_ALL_PLANES, PIXEL_FLAG_PLANES, catalog_from_columns, make_dia_source_id
-from .background import estimate_background
+from .background import estimate_background, run_concurrently
 from .config import DetectAndMeasureConfig
 from .detection import SmoothingKernel, correlate_separable, make_smoothing_kernel, significance
 from .dipole import classify_dipole, fit_dipole
@@ -139,9 +145,11 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
     matched_template = matched_template.compute() if matched_template is not None else None
     score = score.compute() if score is not None else None
 
+    workers = config.workers or _available_cores()
     planes, kernel = _prepare(difference, config)
     timer.lap("prepare")
-    background, raw, noise = _subtract_background(planes, kernel, config, score is not None)
+    background, raw, noise = _subtract_background(planes, kernel, config, score is not None,
+                                                  workers)
     timer.lap("background")
     filtered, nu, score_planes = _detection_image(planes, kernel, background, raw, noise, score,
                                                   config)
@@ -157,8 +165,10 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
     del filtered
     timer.lap("sky_sources")
 
+    # Centroid iterations render the PSF and two shifted copies per source, photometry once.
     stamps = PsfStamps(planes.psf, planes.half, planes.shape, planes.origin,
-                       moments_half=planes.half_moments)
+                       moments_half=planes.half_moments,
+                       expected_renders=len(src) * (3 * config.measurement.centroid_iterations + 1))
     columns: dict[str, Any] = {}
     joint = _fit_centroids(planes, src, stamps, config, columns)
     timer.lap("centroids")
@@ -341,6 +351,21 @@ class _Sources:
                 max(int(px.min()) - margin, 0), min(int(px.max()) + margin + 1, shape[1]))
 
 
+def _available_cores() -> int:
+    """Default thread count: 1 inside a Dask worker (which already runs tasks in
+    parallel), else the cores this process may use."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return 1
+    except (ImportError, ValueError):
+        pass
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 class _Timer:
     def __init__(self):
         self.times: dict[str, float] = {}
@@ -394,11 +419,21 @@ def _sanitize(image, variance, mask):
     return nodata
 
 
-def _direct_planes(exposure: Exposure, bad_planes):
-    """Image, variance and unusable-pixel planes of a science or template exposure."""
-    image, variance, mask = _arrays(exposure)
-    nodata = _sanitize(image, variance, mask)
-    return image, variance, plane_set(mask, bad_planes) | nodata
+def _direct_pixels(image, variance, mask, bad_planes, inside=True):
+    """Data and inverse-variance weight (float64) of raw science or template pixels.
+
+    Only the pixels a fit reads (stamps or boxes) are cleaned, rather than the
+    whole image: a pixel is unusable when non-finite, of non-positive variance,
+    off the image (``inside`` False) or in ``bad_planes`` / NO_DATA; its weight
+    and its data are then 0 (what sanitising the whole image gave).
+    """
+    image = np.asarray(image, dtype=float)
+    variance = np.asarray(variance, dtype=float)
+    bad_bits = np.uint32(mask_value(tuple(bad_planes) + ("NO_DATA",)))
+    usable = (inside & np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+              & ((mask & bad_bits) == 0))
+    weight = np.where(usable, 1.0 / np.where(usable, variance, 1.0), 0.0)
+    return np.where(usable, image, 0.0), weight
 
 
 def _set_border(mask: np.ndarray, width: int, plane: str) -> None:
@@ -455,27 +490,44 @@ def _polarities(config: DetectAndMeasureConfig) -> tuple[int, ...]:
 
 
 def _subtract_background(planes: _Planes, kernel: SmoothingKernel,
-                         config: DetectAndMeasureConfig, has_score: bool):
-    """Two-pass background; returns it, ``D ⋆ K`` of the input and ``sqrt(V ⋆ K²)``."""
+                         config: DetectAndMeasureConfig, has_score: bool, workers: int):
+    """Two-pass background; returns it, ``D ⋆ K`` of the input and ``sqrt(V ⋆ K²)``.
+
+    The two correlations and the first-pass background are independent: with
+    two or more ``workers`` they run at once (the libraries release the GIL).
+    """
     det_cfg, bg_cfg = config.detection, config.background
-    raw = noise = None
-    if not has_score or bg_cfg.enabled:
+
+    def noise_image():
         noise = correlate_separable(_zeroed(planes.variance, planes, det_cfg.exclude_planes),
                                     kernel.squared_terms)
         np.clip(noise, 0.0, None, out=noise)
-        np.sqrt(noise, out=noise)
-        raw = correlate_separable(_zeroed(planes.image, planes, det_cfg.exclude_planes),
-                                  kernel.terms)
+        return np.sqrt(noise, out=noise)
+
+    def raw_image():
+        return correlate_separable(_zeroed(planes.image, planes, det_cfg.exclude_planes),
+                                   kernel.terms)
+
+    def first_pass():
+        # (D - B) ⋆ K = D ⋆ K - B ⋆ K, with B ⋆ K folded into the interpolation (cheap).
+        # Where pixels are zeroed this misses B ⋆ K over them; this pass only masks sources.
+        first = estimate_background(planes.image, planes.variance, planes.mask,
+                                    bin_size=bg_cfg.initial_bin_size,
+                                    ignore_planes=bg_cfg.ignore_planes,
+                                    min_valid_fraction=bg_cfg.min_valid_fraction,
+                                    filter_size=bg_cfg.filter_size)
+        return first.filtered(kernel.terms)
+
+    jobs = [first_pass] if bg_cfg.enabled else []
+    if not has_score or bg_cfg.enabled:
+        jobs += [noise_image, raw_image]
+    results = run_concurrently(jobs, workers)
+    raw = noise = None
+    if not has_score or bg_cfg.enabled:
+        noise, raw = results[-2:]
     if not bg_cfg.enabled:
         return None, raw, noise
-    first = estimate_background(planes.image, planes.variance, planes.mask,
-                                bin_size=bg_cfg.initial_bin_size,
-                                ignore_planes=bg_cfg.ignore_planes,
-                                min_valid_fraction=bg_cfg.min_valid_fraction,
-                                filter_size=bg_cfg.filter_size)
-    # (D - B) ⋆ K = D ⋆ K - B ⋆ K, with B ⋆ K folded into the interpolation (cheap). Where
-    # pixels are zeroed this misses B ⋆ K over them; this pass only masks sources.
-    nu_first = _ratio(raw - first.filtered(kernel.terms), noise)
+    nu_first = _ratio(raw - results[0], noise)
     temp_mask = planes.mask.copy()
     flat_mask = temp_mask.ravel()
     for sign, plane in zip((1, -1), _DETECTION_PLANES):
@@ -487,7 +539,8 @@ def _subtract_background(planes: _Planes, kernel: SmoothingKernel,
     background = estimate_background(
         planes.image, planes.variance, temp_mask, bin_size=bg_cfg.final_bin_size,
         ignore_planes=tuple(bg_cfg.ignore_planes) + _DETECTION_PLANES,
-        min_valid_fraction=bg_cfg.min_valid_fraction, filter_size=bg_cfg.filter_size)
+        min_valid_fraction=bg_cfg.min_valid_fraction, filter_size=bg_cfg.filter_size,
+        workers=workers)
     planes.image -= background.image
     np.copyto(planes.image, 0.0, where=planes.nodata)
     return background, raw, noise
@@ -528,7 +581,9 @@ def _detect(planes: _Planes, nu: np.ndarray, config: DetectAndMeasureConfig):
         min_separation=det_cfg.min_peak_separation_fwhm * planes.fwhm,
         min_contrast=det_cfg.min_peak_contrast,
         min_contrast_fraction=det_cfg.min_peak_contrast_fraction,
-        max_peaks=det_cfg.max_peaks_per_footprint)
+        max_peaks=det_cfg.max_peaks_per_footprint,
+        dipole_link_distance=det_cfg.dipole_link_fwhm * planes.fwhm,
+        dipole_max_gap=det_cfg.dipole_max_gap_fwhm * planes.fwhm)
     flat_mask = planes.mask.ravel()
     flat_mask[found.detected_positive] |= np.uint32(mask_value("DETECTED"))
     flat_mask[found.detected_negative] |= np.uint32(mask_value("DETECTED_NEGATIVE"))
@@ -660,9 +715,9 @@ def _fit_dipoles(planes: _Planes, src: _Sources, config, science, matched_templa
     direct = None
     psf = planes.psf
     psfs = (psf, psf, psf)
+    bad = config.measurement.fit_bad_planes
     if science is not None and matched_template is not None and dip_cfg.direct_image_weight > 0:
-        bad = config.measurement.fit_bad_planes
-        direct = [_direct_planes(science, bad), _direct_planes(matched_template, bad)]
+        direct = [science.arrays(), matched_template.arrays()]
         psfs = (psf, science.psf or psf, matched_template.psf or psf)
     n_fits = 0
     for row in rows:
@@ -671,9 +726,13 @@ def _fit_dipoles(planes: _Planes, src: _Sources, config, science, matched_templa
         box = src.footprint_box(row, 2, planes.shape)
         if box is None:
             continue
-        y0, _, x0, _ = box
+        y0, y1, x0, x1 = box
         boxes = [_box_data(planes.image, planes.variance, planes.unusable, box)]
-        boxes += [_box_data(*p, box) for p in direct] if direct is not None else [None, None]
+        if direct is not None:
+            boxes += [_direct_pixels(*(plane[y0:y1, x0:x1] for plane in arrays), bad)
+                      for arrays in direct]
+        else:
+            boxes += [None, None]
         xp, yp, xn, yn = src.lobes[row]
         fit = fit_dipole(boxes[0], boxes[1], boxes[2], psfs=psfs,
                          origin=(planes.origin[0] + x0, planes.origin[1] + y0),
@@ -786,8 +845,13 @@ def _fit_trails(planes: _Planes, src: _Sources, config, columns) -> int:
         axis_ratio = np.sqrt(major / minor)
         fp_aspect = np.sqrt(fp_major / fp_minor)
         fp_excess = np.sqrt(12 * fp_major) - np.sqrt(12 * fp_minor)
+        # Moment distortion and its noise: σ_e = 2 / (S/N) per component for a point source
+        # measured with adaptive moments, so noise alone elongates faint sources.
+        distortion = (major - minor) / (major + minor)
+        snr = np.abs(columns["psfFlux"] / columns["psfFluxErr"])
     elongated = (~columns["shape_flag"] & (axis_ratio >= tr.min_axis_ratio)
-                 & (length_est >= tr.min_length_fwhm * fwhm))
+                 & (length_est >= tr.min_length_fwhm * fwhm)
+                 & (distortion * snr >= 2.0 * tr.min_elongation_significance))
     # Long trails can defeat adaptive moments on the stamp; the footprint shape still shows
     # (only for undivided footprints: child footprints of a blend are arbitrary polygons).
     elongated |= ((src.group_size == 1) & (fp_aspect >= tr.min_footprint_aspect)
@@ -832,15 +896,15 @@ def _forced_photometry(planes: _Planes, src: _Sources, config, science, matched_
         columns[flag_name] = np.ones(n, dtype=bool)
         if exposure is None or n == 0 or not config.measurement.forced_photometry:
             continue
-        image, variance, unusable = _direct_planes(exposure,
-                                                   config.measurement.fit_bad_planes)
-        stamps = PsfStamps(exposure.psf or planes.psf, planes.half, planes.shape, planes.origin)
+        stamps = PsfStamps(exposure.psf or planes.psf, planes.half, planes.shape, planes.origin,
+                           expected_renders=n)
         ix, iy = np.rint(src.x).astype(int), np.rint(src.y).astype(int)
+        image, variance, mask = exposure.arrays()
         data, inside = gather(image, iy, ix, planes.half)
         var, _ = gather(variance, iy, ix, planes.half)
-        bad, _ = gather(unusable, iy, ix, planes.half, fill=True)
-        flux, err, _, n_data = fit_linear_flux(data.astype(float), _weights(var, bad, inside),
-                                               stamps.render(src.x, src.y))
+        bits, _ = gather(mask, iy, ix, planes.half)
+        data, weight = _direct_pixels(data, var, bits, config.measurement.fit_bad_planes, inside)
+        flux, err, _, n_data = fit_linear_flux(data, weight, stamps.render(src.x, src.y))
         ny, nx = planes.shape
         off = (ix < 0) | (iy < 0) | (ix >= nx) | (iy >= ny)
         columns[flux_name] = np.where(off, np.nan, flux)

@@ -7,8 +7,16 @@ The model of a source moving uniformly during the exposure is
 with total flux ``F``, centre ``c`` and segment vector ``v`` (length ``|v|``,
 angle ``atan2(v_y, v_x)``). It is evaluated in Fourier space
 (:class:`~diffim_dask.detect._fourier.FourierPsf`), ``F`` is the closed-form
-weighted linear solution for given ``(c, v)``, and ``(c, v)`` are fitted by
-trust-region least squares from a start taken from the source's moments.
+weighted linear solution for given ``(c, v)`` (variable projection), and
+``(c, v)`` are fitted by Levenberg–Marquardt from a start taken from the
+source's moments. With ``a = √w m₁`` (unit-flux model), ``t = √w d``,
+``F = a·t / a·a`` and residuals ``r = t − F a``, the Jacobian is exact:
+
+.. math:: \\partial_p r = -\\Big(F g_p + a\\,\\frac{g_p\\cdot r - F\\,a\\cdot g_p}{a\\cdot a}\\Big),
+          \\qquad g_p = \\partial_p a,
+
+with ``∂m₁/∂p`` from the same inverse FFT as the model
+(:meth:`~diffim_dask.detect._fourier.FourierPsf.trail_with_gradient`).
 Only sources that look elongated are fitted (see :class:`TrailConfig`).
 """
 
@@ -18,9 +26,7 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy import optimize
-
-from ._fourier import FourierPsf
+from ._fourier import FourierPsf, levenberg_marquardt
 
 __all__ = ["TrailFit", "fit_trail"]
 
@@ -65,32 +71,37 @@ def fit_trail(box, image, weight, *, psf, origin, start, max_length: float,
     xs, ys, length0, angle0 = start
     model_psf = FourierPsf(psf, xs + origin[0], ys + origin[1], shape)
 
-    def model(params):
-        return model_psf.model(params[0] - x0, params[1] - y0, params[2], params[3]).ravel()
+    target = sqrt_w * data
+
+    def evaluate(params):
+        """Residuals and their exact Jacobian (variable projection, one linear flux)."""
+        planes = model_psf.trail_with_gradient(params[0] - x0, params[1] - y0, params[2],
+                                               params[3]).reshape(5, -1) * sqrt_w
+        a, grads = planes[0], planes[1:]
+        norm = float(a @ a)
+        if not norm > 0:
+            return target.copy(), np.zeros((target.size, 4))
+        flux = float(a @ target) / norm
+        resid = target - flux * a
+        d_flux = (grads @ resid - flux * (grads @ a)) / norm
+        jac = -(flux * grads + d_flux[:, None] * a[None, :]).T
+        return resid, jac
 
     def solve(params):
-        m = model(params) * sqrt_w
+        m = model_psf.model(params[0] - x0, params[1] - y0, params[2], params[3]).ravel() * sqrt_w
         norm = float(m @ m)
-        flux = float(m @ (sqrt_w * data)) / norm if norm > 0 else 0.0
+        flux = float(m @ target) / norm if norm > 0 else 0.0
         return m, flux, norm
-
-    def residuals(params):
-        m, flux, _ = solve(params)
-        return sqrt_w * data - flux * m
 
     theta = math.radians(angle0)
     p0 = np.array([xs, ys, length0 * math.cos(theta), length0 * math.sin(theta)])
     lower = np.array([x0, y0, -max_length, -max_length])
     upper = np.array([x1 - 1, y1 - 1, max_length, max_length])
     p0 = np.clip(p0, lower + 1e-3, upper - 1e-3)
-    try:
-        result = optimize.least_squares(residuals, p0, bounds=(lower, upper), method="trf",
-                                        diff_step=1e-4, max_nfev=max_evaluations)
-        params, converged = result.x, bool(result.success)
-    except (ValueError, np.linalg.LinAlgError):
-        params, converged = p0, False
+    params, _, converged = levenberg_marquardt(evaluate, p0, lower, upper,
+                                               max_evaluations=max_evaluations)
     m, flux, norm = solve(params)
-    chi2 = float(((sqrt_w * data - flux * m) ** 2).sum())
+    chi2 = float(((target - flux * m) ** 2).sum())
     length = float(math.hypot(params[2], params[3]))
     angle = float(math.degrees(math.atan2(params[3], params[2])) % 180.0)
     at_bound = (np.any(np.isclose(params[2:], lower[2:]))
