@@ -59,3 +59,13 @@ def test_inject_unit_is_reproducible_per_unit(simulated_test):
     assert not np.allclose(a.truth["x"], c.truth["x"])
     assert (a.truth["visit"] == 12).all() and (a.truth["detector"] == 3).all()
     assert a.metadata["seed"] == injection_seed(7, 12, 3)
+
+
+def test_pipeline_and_subtraction_config_are_exclusive(simulated_test):
+    from diffim_dask.errors import ConfigurationError
+    from diffim_dask.subtract import AlardLuptonConfig
+
+    pair, _ = simulated_test
+    with pytest.raises(ConfigurationError, match="either pipeline"):
+        run_injection_test(pair.science, pair.template, pipeline="alard-lupton",
+                           subtraction_config=AlardLuptonConfig())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
+import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -130,14 +133,130 @@ def test_report_command_line(tiny_run, tmp_path):
     assert out.read_text().startswith("<!DOCTYPE html>")
 
 
+def test_cutout_triplets_of_any_run_sources(tiny_run):
+    """The gallery's extraction, as a notebook calls it: three stamps of the same sky."""
+    from diffim_dask.qa import run_cutout_triplets
+
+    root, _ = tiny_run
+    run = load_run(root / "run")
+    real = run.catalog[~run.catalog["isSky"]]
+    top = real.reindex(real["snr"].abs().sort_values(ascending=False).index).head(3)
+    triplets, notes = run_cutout_triplets(root / "run", top, size=21)
+    assert notes == [] and list(triplets) == top["diaSourceId"].tolist()
+    for row in top.itertuples():
+        triplet = triplets[row.diaSourceId]
+        stamps = dict(triplet.panels())
+        assert all(stamps[name] is not None for name in ("science", "template", "difference"))
+        assert {s.image.shape for s in stamps.values()} == {(21, 21)}
+        assert len({(s.x0, s.y0) for s in stamps.values()}) == 1  # one pixel grid
+        assert triplet.info["kind"] in ("positive", "negative", "dipole")
+        # A positive DIA source is bright at the centre of its difference stamp.
+        if triplet.info["kind"] == "positive":
+            core = (slice(8, 13), slice(8, 13))
+            difference = stamps["difference"]
+            assert difference.image[core].sum() > 5 * np.sqrt(difference.variance[core].sum())
+
+
+def test_run_with_injection_is_matched_to_its_own_truth(tiny_run):
+    """`run --inject N` (the pipeline's injection block): truth per unit, matched back, reported."""
+    from diffim_dask.qa import injection_seed, read_injection_truth
+    from diffim_dask.qa.report import evaluate_run_truth
+
+    root, _ = tiny_run
+    sim = root / "sim"
+    pipeline = load_pipeline("alard-lupton")
+    pipeline = pipeline.replace(
+        injection=pipeline.injection.replace(n_sources=15, snr_range=(5.0, 50.0)),
+        alard_lupton=pipeline.alard_lupton.replace(
+            quality=pipeline.alard_lupton.quality.replace(enabled=False)))
+    entries = [e for e in load_manifest(sim / "manifest.yaml") if e.visit == 0]
+    result = run_survey(pipeline, entries, str(sim / "templates.zarr"), root / "injected_run",
+                        manifest_path=str(sim / "manifest.yaml"))
+    assert result.counts["done"] == 1
+    truth, meta = read_injection_truth(root / "injected_run")
+    assert len(truth) == 15 and set(truth["visit"]) == {0}
+    assert meta[(0, 0)]["seed"] == injection_seed(pipeline.injection.seed, 0, 0)  # re-injectable
+    run = load_run(root / "injected_run")
+    summary, described = evaluate_run_truth(run, n_bootstrap=0)
+    assert "15 injected point sources" in described
+    m = summary.metrics
+    assert m["n_injected"] == 15 and m["n_found"] >= 10  # S/N 5-50 on a clean simulated frame
+    # The survey's own transients and variables are real: not false, not credited to injections.
+    assert "not false" in described and m["n_known"] >= 10 and m["n_false"] <= 3
+    found = summary.matched[summary.matched["found"]]
+    assert (found["match_distance"] <= 3.0).all() and found["diaSourceId"].is_unique
+    page = make_report(root / "injected_run", n_cutouts=2).read_text(encoding="utf-8")
+    assert "15 injected point sources (RUN/injected/)" in page
+
+
+def _chromium() -> str | None:
+    for candidate in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+# Runs in the page after everything loaded: what a reader would see, written into the DOM.
+_PROBE = """<pre id='qa-probe'></pre><script>
+window.addEventListener('load', function () {
+  var images = Array.prototype.map.call(document.images, function (img) {
+    var box = img.getBoundingClientRect();
+    return {alt: img.alt, complete: img.complete, natural: [img.naturalWidth, img.naturalHeight],
+            shown: [Math.round(box.width), Math.round(box.height)]};
+  });
+  var headings = Array.prototype.map.call(document.querySelectorAll('h2[id]'), function (h) {
+    return [h.id, h.textContent]; });
+  document.getElementById('qa-probe').textContent = JSON.stringify({
+    images: images, headings: headings, errors: window.__qaErrors,
+    page_width: document.documentElement.scrollWidth, view_width: window.innerWidth});
+});
+</script>"""
+_ERRORS = ("<script>window.__qaErrors = []; window.addEventListener('error', function (e) {"
+           " window.__qaErrors.push(String(e.message || (e.target && e.target.alt) || e)"
+           ".slice(0, 200)); }, true);</script>")
+
+
+def _run_chromium(browser, args, tmp_path):
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def test_report_in_a_headless_browser(tiny_run, tmp_path):
-    browser = next((b for b in ("/usr/bin/chromium", shutil.which("chromium") or "",
-                                shutil.which("chromium-browser") or "") if b and Path(b).exists()), None)
+    browser = _chromium()
     if browser is None:
-        pytest.skip("no headless chromium installed (/usr/bin/chromium); the HTML is validated "
-                    "with html.parser instead")
+        pytest.skip("no headless chromium on PATH (Debian: apt-get install chromium); the HTML is "
+                    "still validated with html.parser by the other report tests")
     _, html_path = tiny_run
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          html_path.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0
-    assert "Run summary" in dom.stdout and "data:image/png;base64," in dom.stdout
+    text = html_path.read_text(encoding="utf-8")
+    assert "<script" not in text  # the report itself is static
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("<head>", "<head>" + _ERRORS, 1)
+                      .replace("</body>", _PROBE + "</body>", 1), encoding="utf-8")
+    dom = _run_chromium(browser, ["--window-size=1280,1000", "--virtual-time-budget=10000",
+                                  "--dump-dom", probed.as_uri()], tmp_path)
+    match = re.search(r"<pre id=\"qa-probe\">(.*?)</pre>", dom, re.S)
+    assert match, "the probe did not run (no load event?)"
+    state = json.loads(html.unescape(match.group(1)))
+    assert state["errors"] == []
+    # Every figure decoded and is laid out at a readable size.
+    assert len(state["images"]) >= 5
+    for image in state["images"]:
+        assert image["complete"] and min(image["natural"]) > 0, image
+        assert min(image["shown"]) > 100, image
+    # No horizontal scrolling at a laptop's width: figures and tables fit the page.
+    assert state["page_width"] <= state["view_width"], state
+    shown = dict(state["headings"])
+    assert {"summary", "noise", "kernel", "completeness", "gallery", "timings"} <= set(shown)
+    assert shown["summary"] == "Run summary"
+    # A screenshot renders (look at it when changing the report's layout).
+    screenshot = tmp_path / "report.png"
+    _run_chromium(browser, ["--window-size=1280,3000", f"--screenshot={screenshot}",
+                            html_path.as_uri()], tmp_path)
+    from matplotlib.image import imread
+
+    pixels = imread(screenshot)
+    assert pixels.shape[:2] == (3000, 1280) and float(pixels[..., :3].std()) > 0.05

@@ -10,6 +10,7 @@ Injection (:mod:`.injection`)
     :func:`write_injection_truth` / :func:`read_injection_truth`.
 Completeness (:mod:`.completeness`)
     :func:`match_positions` (optimal one-to-one), :func:`match_injections`,
+    :func:`match_survey_truth` / :func:`read_survey_truth` (simulated-survey truth),
     :func:`fit_completeness` -> :class:`CompletenessFit` (50 % / 90 % points),
     :func:`completeness_table`, :func:`flux_statistics`, :func:`summarize_injections`
     -> :class:`InjectionSummary`, :func:`exposure_area`.
@@ -22,7 +23,9 @@ Cutouts (:mod:`.cutouts`)
     :func:`add_cutout_columns`, :func:`select_gallery`, :func:`write_cutout_pngs`.
 Report (:mod:`.report`)
     :func:`make_report` (``diffim-dask report RUN_DIR``), :func:`kernel_sum_grid`,
-    :func:`evaluate_run_truth`, :func:`load_run`.
+    :func:`evaluate_run_truth`, :func:`load_run`, :func:`run_cutout_triplets` (the
+    gallery's science / template / difference stamps of any DIA sources of a run, for
+    notebooks too).
 
 Plotting needs matplotlib (the ``plot`` extra), imported lazily with the Agg backend.
 """
@@ -37,6 +40,8 @@ from .completeness import (
     flux_statistics,
     match_injections,
     match_positions,
+    match_survey_truth,
+    read_survey_truth,
     summarize_injections,
 )
 from .cutouts import (
@@ -66,7 +71,7 @@ from .injection import (
     read_injection_truth,
     write_injection_truth,
 )
-from .report import evaluate_run_truth, kernel_sum_grid, load_run, make_report
+from .report import evaluate_run_truth, kernel_sum_grid, load_run, make_report, run_cutout_triplets
 
 __all__ = [
     "CUTOUT_COLUMNS",
@@ -98,8 +103,11 @@ __all__ = [
     "make_report",
     "match_injections",
     "match_positions",
+    "match_survey_truth",
     "measure_psf_noise_scale",
     "read_injection_truth",
+    "read_survey_truth",
+    "run_cutout_triplets",
     "run_injection_test",
     "select_gallery",
     "summarize_injections",

@@ -7,16 +7,19 @@ sources on any pair of exposures (real or simulated) on one pixel grid:
    already there: real variables, artefacts);
 2. ``n_batches`` batches of ``batch_size`` sources each (so the image is not
    crowded), each injected into a fresh copy of the science image with its own
-   seed (:func:`~diffim_dask.qa.injection.inject_sources`), then subtracted
-   and detected like the baseline;
+   seed (:func:`~diffim_dask.qa.injection.inject_sources`), away from the
+   baseline's DIA sources and any ``known`` source (an injection on top of one
+   would be credited with its detection), then subtracted and detected like
+   the baseline;
 3. one-to-one matching of every batch to its truth, and the aggregate
    completeness, false-detection rate and flux accuracy
    (:func:`~diffim_dask.qa.completeness.summarize_injections`).
 
 False detections are the DIA sources of the injected images matched to no
-injection and farther than the match radius from every injected position
-(so they include the baseline's own detections); ``n_false_new`` leaves out
-those within the radius of a baseline detection as well.
+injection and farther than the match radius from every injected position and
+every ``known`` real source (so they include the baseline's other
+detections: subtraction residuals, unknown variables); ``n_false_new`` leaves
+out those within the radius of a baseline detection as well.
 
 S/N in the difference image
     ``expected_snr`` is the S/N of an injection against the *science* image's
@@ -25,7 +28,10 @@ S/N in the difference image
     against the difference's variance plane ``V_D`` and PSF, scaled by the
     difference's PSF-scale noise factor ``s_D = sky_snr_std``. An ideal
     detector with a threshold of 5σ of the real noise reaches 50 % at
-    ``difference_snr = 5`` whatever the template depth.
+    ``difference_snr = 5`` whatever the template depth, i.e. at an injected
+    S/N of ``snr50_ideal = 5 × median(expected_snr / difference_snr)``: about
+    5 for a template much deeper than the science image, about 5√2 for one
+    as deep.
 
 Noise-calibrated threshold
     When the variance plane of the difference understates the noise on the
@@ -48,7 +54,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import BadInputDataError
+from ..errors import BadInputDataError, ConfigurationError
 from ..exposure import Exposure
 from .completeness import (InjectionSummary, exposure_area, match_injections,
                            summarize_injections)
@@ -84,7 +90,12 @@ class InjectionTest:
         calibrated ``snr50_calibrated``, ``n_false_calibrated``,
         ``false_per_deg2_calibrated`` and ``completeness_calibrated``;
         ``difference_snr50`` (and ``_calibrated``): the 50 % point in
-        difference-image S/N.
+        difference-image S/N; ``snr_loss_factor``: median ratio of the
+        injected S/N to the difference-image S/N (the template's noise and
+        the PSF matching lower it), and ``snr50_ideal`` =
+        ``calibrated_threshold × snr_loss_factor``: where an ideal detector
+        with a threshold at that many σ of the difference's real noise
+        reaches 50 % in injected S/N.
     """
 
     summary: InjectionSummary
@@ -104,6 +115,15 @@ def _default_subtract(config):
     return subtract
 
 
+def _pipeline_subtract(pipeline):
+    from ..workflow.run import subtract_exposures
+
+    def subtract(science, template):
+        return subtract_exposures(science, template, pipeline)
+
+    return subtract
+
+
 def _detect(subtraction, science, config):
     from ..detect import detect_and_measure
 
@@ -119,7 +139,8 @@ def _real(catalog: pd.DataFrame) -> pd.DataFrame:
 def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int = 200,
                        batch_size: int = 50, config: InjectionConfig | None = None, seed: int = 0,
                        subtract: Callable | None = None, subtraction_config=None,
-                       detection_config=None, radius: float = 3.0,
+                       detection_config=None, pipeline=None, known: pd.DataFrame | None = None,
+                       radius: float = 3.0,
                        calibrated_threshold: float = 5.0, n_bootstrap: int = 50) -> InjectionTest:
     """Inject ``n_sources`` point sources in batches, subtract, detect and match.
 
@@ -140,6 +161,17 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
         :func:`~diffim_dask.subtract.subtract_alard_lupton` with
         ``subtraction_config``.
     detection_config : DetectAndMeasureConfig, optional
+    pipeline : PipelineConfig or str, optional
+        Run a workflow pipeline instead (a name such as ``"alard-lupton"``, a
+        YAML path or a :class:`~diffim_dask.workflow.pipeline.PipelineConfig`):
+        its method and subtraction config, and its detection config unless
+        ``detection_config`` is given — the same calls as a survey run's
+        subtract and detect stages. Not combined with ``subtract`` or
+        ``subtraction_config``.
+    known : pandas.DataFrame, optional
+        Positions (``x``, ``y``) of real sources of the pair (e.g. a known
+        variable star): DIA sources within ``radius`` of them are not false
+        detections (``n_known`` in the metrics).
     radius : float
         Match radius (pixels).
     calibrated_threshold : float
@@ -155,18 +187,34 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
         raise BadInputDataError("run_injection_test: science and template need PSF models "
                                 "(diffim_dask.psf.estimate_psf)")
     config = config or InjectionConfig()
+    if pipeline is not None:
+        if subtract is not None or subtraction_config is not None:
+            raise ConfigurationError("run_injection_test: give either pipeline or subtract / "
+                                     "subtraction_config, not both")
+        from ..workflow.pipeline import PipelineConfig, load_pipeline
+
+        pipeline = pipeline if isinstance(pipeline, PipelineConfig) else load_pipeline(pipeline)
+        subtract = _pipeline_subtract(pipeline)
+        detection_config = detection_config if detection_config is not None else pipeline.detection
     subtract = subtract or _default_subtract(subtraction_config)
     science = science.compute()
     template = template.compute()
     baseline_sub = subtract(science, template)
     baseline = _real(_detect(baseline_sub, science, detection_config).catalog)
+    placement = _avoiding(science, [baseline, known], radius)
     n_batches = max(1, math.ceil(n_sources / batch_size))
     truths, catalogs, rows, areas, last = [], [], [], {}, {}
     for batch in range(n_batches):
         start = time.perf_counter()
         count = min(batch_size, n_sources - batch * batch_size)
+        # Positions are drawn away from the pair's own DIA sources and known sources (a source
+        # injected onto one would be credited with its detection), then injected into the
+        # untouched science image: the same seed reproduces the same pixels.
+        chosen = inject_sources(placement, config.replace(n_sources=count), seed=seed + batch,
+                                id_offset=batch * batch_size)
         injection: InjectionResult = inject_sources(
-            science, config.replace(n_sources=count), seed=seed + batch, id_offset=batch * batch_size)
+            science, chosen.truth[["injection_id", "x", "y", "flux_counts"]], seed=seed + batch,
+            config=config)
         subtraction = subtract(injection.exposure, template)
         detection = _detect(subtraction, injection.exposure, detection_config)
         detector = int(science.info.detector)
@@ -177,7 +225,7 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
         catalog["sky_snr_std"] = float(detection.metadata.get("sky_snr_std", math.nan))
         catalogs.append(catalog)
         areas[(batch, detector)] = exposure_area(detection.difference)
-        matched, sources = match_injections(truth, catalog, radius)
+        matched, sources = match_injections(truth, catalog, radius, known=known)
         new = sources[~sources["near_truth"]]
         if len(new) and len(baseline):
             from scipy.spatial import cKDTree
@@ -197,7 +245,7 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
         last = {"injection": injection, "subtraction": subtraction, "detection": detection}
     truth = pd.concat(truths, ignore_index=True)
     catalog = pd.concat(catalogs, ignore_index=True)
-    matched, sources = match_injections(truth, catalog, radius)
+    matched, sources = match_injections(truth, catalog, radius, known=known)
     summary = summarize_injections(matched, sources, areas, n_bootstrap=n_bootstrap, seed=seed,
                                    n_images=n_batches)
     batches = pd.DataFrame(rows)
@@ -211,7 +259,7 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
     if np.isfinite(scale).all() and len(catalog):
         keep = catalog["isSky"].to_numpy(bool) | (
             np.abs(catalog["snr"].to_numpy(float)) / scale >= calibrated_threshold)
-        matched_c, sources_c = match_injections(truth, catalog[keep], radius)
+        matched_c, sources_c = match_injections(truth, catalog[keep], radius, known=known)
         calibrated = summarize_injections(matched_c, sources_c, areas, n_bootstrap=n_bootstrap,
                                           seed=seed, n_images=n_batches)
         metrics.update({f"{k}_calibrated": calibrated.metrics[k] for k in
@@ -219,7 +267,33 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
                          "false_per_deg2")})
         metrics["difference_snr50_calibrated"] = _x50(calibrated.matched, "difference_snr", seed)
     metrics["difference_snr50"] = _x50(summary.matched, "difference_snr", seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = float(np.nanmedian(truth["expected_snr"].to_numpy(float)
+                                    / truth["difference_snr"].to_numpy(float)))
+    metrics["snr_loss_factor"] = factor
+    metrics["snr50_ideal"] = calibrated_threshold * factor
     return InjectionTest(summary, calibrated, batches, baseline, last, metrics)
+
+
+def _avoiding(science: Exposure, tables, radius: float) -> Exposure:
+    """Copy of ``science`` with INJECTED set within ``radius`` of every (x, y) of ``tables``.
+
+    Injection placement avoids INJECTED pixels (plus its own margin), so no
+    injection lands on a source the pair already holds.
+    """
+    from ..masks import mask_value
+
+    points = [t[["x", "y"]].to_numpy(float) for t in tables if t is not None and len(t)]
+    if not points:
+        return science
+    image, variance, mask = science.arrays()
+    x0, y0 = science.origin
+    yy, xx = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+    near = np.zeros(mask.shape, bool)
+    for x, y in np.concatenate(points):
+        near |= (xx + x0 - x) ** 2 + (yy + y0 - y) ** 2 <= radius ** 2
+    flagged = np.where(near, mask | np.uint32(mask_value(["INJECTED"])), mask)
+    return science.with_planes(mask=flagged.astype(mask.dtype))
 
 
 def _difference_snr(truth: pd.DataFrame, detection) -> np.ndarray:

@@ -47,6 +47,9 @@ from ..errors import ConfigurationError
 __all__ = [
     "match_positions",
     "match_injections",
+    "match_survey_truth",
+    "read_survey_truth",
+    "CHANGING_KINDS",
     "CompletenessFit",
     "fit_completeness",
     "completeness_table",
@@ -56,6 +59,9 @@ __all__ = [
     "exposure_area",
     "SNR_BINS",
 ]
+
+#: Kinds of simulated-survey truth rows whose flux differs between science and template.
+CHANGING_KINDS = ("transient", "variable", "moving")
 
 #: Default S/N bin edges of completeness tables.
 SNR_BINS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0, 100.0)
@@ -173,8 +179,9 @@ def match_injections(truth: pd.DataFrame, catalog: pd.DataFrame, radius: float =
         ``match_distance``, ``measured_flux`` (``psfFlux``), ``measured_flux_err``,
         ``detection_snr`` (catalog ``snr``), ``isDipole``, ``flux_bias`` and
         ``flux_pull``. ``sources`` is the non-sky catalog with
-        ``matched`` (to an injection) and ``near_truth`` (within ``radius``
-        of any truth position, matched or not).
+        ``matched`` (to an injection), ``near_truth`` (within ``radius``
+        of any truth or known position, matched or not) and ``near_known``
+        (unmatched, within ``radius`` of a known position).
     """
     if not {"x", "y"} <= set(truth.columns):
         raise ConfigurationError(f"truth needs x and y columns; it has {list(truth.columns)}")
@@ -243,9 +250,11 @@ def match_injections(truth: pd.DataFrame, catalog: pd.DataFrame, radius: float =
         isDipole=np.where(found, column("isDipole", False), False).astype(bool),
         flux_bias=bias, flux_pull=pull,
     )
+    near_known = np.zeros(len(sources), bool)
     if known is not None and len(known) and len(sources):
-        near |= _near_known(sources, known, keys, radius)
-    sources = sources.assign(matched=matched_source, near_truth=near | matched_source)
+        near_known = _near_known(sources, known, keys, radius)
+    sources = sources.assign(matched=matched_source, near_truth=near | near_known | matched_source,
+                             near_known=near_known & ~matched_source)
     return matched, sources
 
 
@@ -262,6 +271,85 @@ def _near_known(sources: pd.DataFrame, known: pd.DataFrame, keys: list[str], rad
         distance, _ = tree.query(sources[["x", "y"]].to_numpy(float)[s_idx])
         near[s_idx] = distance <= radius
     return near
+
+
+def read_survey_truth(truth_dir, units) -> pd.DataFrame:
+    """The simulated survey's truth tables of ``units`` in one frame.
+
+    Parameters
+    ----------
+    truth_dir : path
+        ``truth/`` of a simulated survey (``visit=V/detector=D.parquet``).
+    units : iterable of (visit, detector)
+
+    Returns
+    -------
+    pandas.DataFrame
+        All truth rows with ``visit`` and ``detector`` set from the unit
+        (empty when no table exists).
+    """
+    from pathlib import Path
+
+    frames = []
+    for visit, detector in units:
+        path = Path(truth_dir) / f"visit={int(visit)}" / f"detector={int(detector)}.parquet"
+        if path.is_file():
+            frames.append(pd.read_parquet(path).assign(visit=int(visit), detector=int(detector)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _trail_points(truth: pd.DataFrame) -> pd.DataFrame:
+    """Points every pixel along moving objects' trails (with their visit / detector)."""
+    rows = []
+    for row in truth.itertuples():
+        length = float(getattr(row, "trail_length", 0.0) or 0.0)
+        if not length > 0:
+            continue
+        angle = math.radians(float(getattr(row, "trail_angle", 0.0) or 0.0))
+        for s in np.linspace(-length / 2, length / 2, max(2, int(length) + 1)):
+            rows.append({"x": row.x + s * math.cos(angle), "y": row.y + s * math.sin(angle),
+                         "visit": getattr(row, "visit", 0), "detector": getattr(row, "detector", 0)})
+    return pd.DataFrame(rows, columns=["x", "y", "visit", "detector"])
+
+
+def match_survey_truth(truth: pd.DataFrame, catalog: pd.DataFrame, radius: float = 3.0, *,
+                       kinds: tuple[str, ...] = CHANGING_KINDS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Match DIA sources to a simulated survey's changing objects with :func:`match_injections`.
+
+    Every truth row of ``kinds`` with a non-zero ``snr`` is a candidate
+    (``flux_njy`` = ``delta_flux``, ``expected_snr`` = ``|snr|``); the matching
+    is the same optimal, sign-aware one-to-one matching as for injections.
+    Detections anywhere within ``radius`` of a moving object's trail are real
+    (``near_truth``) but not matched.
+
+    Parameters
+    ----------
+    truth : pandas.DataFrame
+        Truth rows (:func:`read_survey_truth`), with ``kind``, ``x``, ``y``,
+        ``delta_flux``, ``snr``, ``visit``, ``detector`` and, for moving
+        objects, ``trail_length`` / ``trail_angle``.
+    catalog : pandas.DataFrame
+        DIA sources.
+    radius : float
+        Match radius, pixels.
+    kinds : tuple of str
+        Truth kinds to match.
+
+    Returns
+    -------
+    (matched, sources)
+        As :func:`match_injections`; ``matched`` holds every changing object
+        (select ``kind == "transient"`` for a completeness of transients).
+    """
+    if len(truth):
+        snr = np.nan_to_num(truth["snr"].to_numpy(float))
+        changing = truth[truth["kind"].isin(kinds).to_numpy() & (np.abs(snr) > 0)].reset_index(drop=True)
+    else:
+        changing = pd.DataFrame(columns=["kind", "x", "y", "delta_flux", "snr", "visit", "detector"])
+    changing = changing.assign(flux_njy=changing["delta_flux"].to_numpy(float),
+                               expected_snr=np.abs(changing["snr"].to_numpy(float)))
+    trail = _trail_points(changing)
+    return match_injections(changing, catalog, radius, known=trail if len(trail) else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,7 +650,8 @@ class InjectionSummary:
         ``snr90`` (and errors), ``mag50``, ``mag90``, ``n_sources``,
         ``n_false`` (unmatched and farther than the radius from every
         injection), ``n_duplicates`` (unmatched but within the radius of an
-        injection), ``false_per_image``, ``false_per_deg2``, ``false_per_mpix``,
+        injection), ``n_known`` (unmatched detections of ``known`` real
+        sources), ``false_per_image``, ``false_per_deg2``, ``false_per_mpix``,
         ``area_deg2``, ``area_mpix`` and the flux statistics (``flux_*``).
     """
 
@@ -589,7 +678,8 @@ class InjectionSummary:
                          f"{m['snr90']:.2f}; plateau {self.fit.c_max:.1%}")
         lines.append(f"False detections: {m['n_false']} ({m['false_per_image']:.1f} per image, "
                      f"{m['false_per_deg2']:.0f} per deg², {m['false_per_mpix']:.1f} per Mpix); "
-                     f"{m['n_duplicates']} extra detections next to injections")
+                     f"{m['n_duplicates']} extra detections next to injections"
+                     + (f", {m['n_known']} of known real sources" if m.get("n_known") else ""))
         lines.append(f"Flux: median bias {m['flux_bias_median']:+.3f}, pull median "
                      f"{m['flux_pull_median']:+.2f}, pull robust std {m['flux_pull_robust_std']:.2f} "
                      f"(n={m['flux_n']}, injected S/N ≥ 10)")
@@ -627,8 +717,10 @@ def summarize_injections(matched: pd.DataFrame, sources: pd.DataFrame, areas: di
     fit_mag = _try_fit(mags, found, "mag", n_bootstrap, seed) if np.isfinite(mags).sum() >= 5 else None
     areas = dict(areas or {})
     false = ~sources["near_truth"].to_numpy(bool) if len(sources) else np.zeros(0, bool)
+    near_known = (sources["near_known"].to_numpy(bool) if "near_known" in sources
+                  else np.zeros(len(sources), bool))
     duplicates = (sources["near_truth"].to_numpy(bool) & ~sources["matched"].to_numpy(bool)
-                  if len(sources) else np.zeros(0, bool))
+                  & ~near_known if len(sources) else np.zeros(0, bool))
     keys = set()
     for frame in (matched, sources):
         if len(frame) and {"visit", "detector"} <= set(frame.columns):
@@ -670,7 +762,7 @@ def summarize_injections(matched: pd.DataFrame, sources: pd.DataFrame, areas: di
         "completeness_plateau": fit.c_max if fit else math.nan,
         "mag50": fit_mag.x50 if fit_mag else math.nan, "mag90": fit_mag.x90 if fit_mag else math.nan,
         "n_sources": int(len(sources)), "n_false": n_false,
-        "n_duplicates": int(duplicates.sum()),
+        "n_duplicates": int(duplicates.sum()), "n_known": int(near_known.sum()),
         "false_per_image": n_false / n_images,
         "false_per_deg2": n_false / total_deg2 if total_deg2 else math.nan,
         "false_per_mpix": n_false / total_mpix if total_mpix else math.nan,

@@ -263,11 +263,20 @@ def _row_title(info: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _reticle(ax, x: float, y: float, size: int) -> None:
+    """Two ticks pointing at (x, y) from the left and from above, leaving the source itself bare."""
+    gap = max(2.5, 0.12 * size)
+    length = max(3.0, 0.15 * size)
+    style = {"color": "tab:red", "lw": 1.2, "solid_capstyle": "butt"}
+    ax.plot([x - gap - length, x - gap], [y, y], **style)
+    ax.plot([x, x], [y + gap, y + gap + length], **style)
+
+
 def triplet_figure(triplets: list[CutoutTriplet], *, panel_inches: float = 1.6):
     """A matplotlib Figure with one row per triplet (science, template, difference).
 
-    Each row uses its own common stretch (:func:`triplet_stretch`); the
-    difference panel marks the source position.
+    Each row uses its own common stretch (:func:`triplet_stretch`); red ticks
+    on every panel point at the source position without covering it.
     """
     Figure = _pyplot()
     n = max(1, len(triplets))
@@ -279,20 +288,19 @@ def triplet_figure(triplets: list[CutoutTriplet], *, panel_inches: float = 1.6):
             ax = axes[row, col]
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.text(0.03, 0.03, name, color="gold", fontsize=6, transform=ax.transAxes,
-                    ha="left", va="bottom")
+            ax.text(0.03, 0.03, name, color="gold", fontsize=7.5, transform=ax.transAxes,
+                    ha="left", va="bottom",
+                    bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.0, "linewidth": 0})
             if cutout is None:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=8, transform=ax.transAxes)
                 continue
             shown = _display(cutout.image, stretch.get(f"sky_{name}", 0.0), stretch)
             ax.imshow(np.nan_to_num(shown, nan=0.0), origin="lower", cmap="gray", vmin=0.0, vmax=1.0,
                       interpolation="nearest")
-            if name == "difference":
-                ax.plot([cutout.x - cutout.x0], [cutout.y - cutout.y0], marker="o", ms=12,
-                        mfc="none", mec="tab:red", mew=0.8)
-                ax.set_xlim(-0.5, cutout.size - 0.5)
-                ax.set_ylim(-0.5, cutout.size - 0.5)
-        axes[row, 0].text(0.0, 1.04, _row_title(triplet.info), fontsize=6, ha="left", va="bottom",
+            _reticle(ax, cutout.x - cutout.x0, cutout.y - cutout.y0, cutout.size)
+            ax.set_xlim(-0.5, cutout.size - 0.5)
+            ax.set_ylim(-0.5, cutout.size - 0.5)
+        axes[row, 0].text(0.0, 1.04, _row_title(triplet.info), fontsize=7.5, ha="left", va="bottom",
                           transform=axes[row, 0].transAxes)
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.3 / (n * (panel_inches + 0.3)),
                         bottom=0.02, wspace=0.04, hspace=0.25)

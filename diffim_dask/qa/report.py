@@ -46,14 +46,13 @@ from ..errors import ConfigurationError, DiffimError
 from ..masks import mask_value
 
 __all__ = ["make_report", "RunData", "load_run", "noise_statistics", "kernel_sum_grid",
-           "evaluate_run_truth", "add_report_arguments", "run_report_command"]
+           "evaluate_run_truth", "run_cutout_triplets", "add_report_arguments", "run_report_command"]
 
 log = logging.getLogger(__name__)
 
 #: Pixels left out of the noise histogram.
 NOISE_EXCLUDE_PLANES = ("NO_DATA", "EDGE", "BAD", "SAT", "CR", "DETECTED", "DETECTED_NEGATIVE",
                         "STREAK", "SAT_TEMPLATE", "INJECTED", "INJECTED_TEMPLATE", "SUSPECT")
-_CHANGING = ("transient", "variable", "moving")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,26 +223,6 @@ def kernel_sum_grid(kernel, shape: tuple[int, int], origin: tuple[int, int] = (0
     return {"x": xs.round(2).tolist(), "y": ys.round(2).tolist(), "sum": sums.round(6).tolist()}
 
 
-def _simulated_truth(truth_dir: Path, visit: int, detector: int) -> pd.DataFrame | None:
-    path = Path(truth_dir) / f"visit={visit}" / f"detector={detector}.parquet"
-    if not path.is_file():
-        return None
-    return pd.read_parquet(path)
-
-
-def _trail_points(truth: pd.DataFrame) -> pd.DataFrame:
-    """Points every pixel along moving objects' trails (so detections on a trail are not false)."""
-    rows = []
-    for row in truth.itertuples():
-        length = float(getattr(row, "trail_length", 0.0) or 0.0)
-        if length <= 0:
-            continue
-        angle = math.radians(float(getattr(row, "trail_angle", 0.0) or 0.0))
-        for s in np.linspace(-length / 2, length / 2, max(2, int(length) + 1)):
-            rows.append({"x": row.x + s * math.cos(angle), "y": row.y + s * math.sin(angle)})
-    return pd.DataFrame(rows, columns=["x", "y"])
-
-
 def evaluate_run_truth(run: RunData, *, truth_dir: str | Path | None = None, radius: float = 3.0,
                        areas: dict | None = None, n_bootstrap: int = 50):
     """Completeness and purity of a run against its injections or a simulated survey's truth.
@@ -252,14 +231,17 @@ def evaluate_run_truth(run: RunData, *, truth_dir: str | Path | None = None, rad
     truth (``truth_dir``, or the ``truth`` entry of the run's manifest) is
     used: completeness on transients (S/N from the truth's ``snr``), and
     detections within ``radius`` of any transient, variable or moving object
-    (anywhere along its trail) are not counted as false.
+    (anywhere along its trail) are not counted as false. When a run injected
+    sources into a simulated survey, completeness is that of the injections
+    and detections of the survey's own changing objects are not false either.
 
     Returns
     -------
     (InjectionSummary or None, str)
         The summary and a description of the truth used ("" when none).
     """
-    from .completeness import match_injections, summarize_injections
+    from .completeness import (match_injections, match_survey_truth, read_survey_truth,
+                               summarize_injections)
     from .injection import read_injection_truth
 
     done = [(int(r["visit"]), int(r["detector"])) for r in run.done()]
@@ -267,38 +249,34 @@ def evaluate_run_truth(run: RunData, *, truth_dir: str | Path | None = None, rad
     if len(catalog):
         keys = set(done)
         catalog = catalog[[(int(v), int(d)) in keys for v, d in zip(catalog["visit"], catalog["detector"])]]
-    injected, _ = read_injection_truth(run.run_dir)
-    if len(injected):
-        injected = injected[[(int(v), int(d)) in set(done)
-                             for v, d in zip(injected["visit"], injected["detector"])]]
-        matched, sources = match_injections(injected, catalog, radius)
-        summary = summarize_injections(matched, sources, areas, n_bootstrap=n_bootstrap,
-                                       n_images=len(done))
-        return summary, f"{len(injected)} injected point sources (RUN/injected/)"
     if truth_dir is None and run.manifest.get("truth"):
         from ..workflow.manifest import resolve_path
 
         truth_dir = resolve_path(str(run.manifest["truth"]), Path(run.manifest["_path"]).resolve().parent)
-    if truth_dir is None or not Path(truth_dir).is_dir():
+    truth = (read_survey_truth(Path(truth_dir), done) if truth_dir is not None and Path(truth_dir).is_dir()
+             else pd.DataFrame())
+    injected, _ = read_injection_truth(run.run_dir)
+    if len(injected):
+        injected = injected[[(int(v), int(d)) in set(done)
+                             for v, d in zip(injected["visit"], injected["detector"])]]
+        known = None
+        if len(truth):
+            # Injected into a simulated survey: its own transients, variables and moving objects
+            # are real, so detections of them are not false.
+            _, survey_sources = match_survey_truth(truth, catalog, radius)
+            known = survey_sources.loc[survey_sources["near_truth"].to_numpy(bool),
+                                       ["x", "y", "visit", "detector"]]
+        matched, sources = match_injections(injected, catalog, radius, known=known)
+        summary = summarize_injections(matched, sources, areas, n_bootstrap=n_bootstrap,
+                                       n_images=len(done))
+        extra = " (detections of the simulated survey's own changing objects are not false)" \
+            if known is not None else ""
+        return summary, f"{len(injected)} injected point sources (RUN/injected/){extra}"
+    if len(truth) == 0:
         return None, ""
-    frames, known = [], []
-    for visit, detector in done:
-        truth = _simulated_truth(Path(truth_dir), visit, detector)
-        if truth is None:
-            continue
-        changing = truth[truth["kind"].isin(_CHANGING)]
-        changing = changing[np.abs(np.nan_to_num(changing["snr"].to_numpy(float))) > 0]
-        frames.append(changing.assign(visit=visit, detector=detector))
-        trail = _trail_points(changing)
-        if len(trail):
-            known.append(trail.assign(visit=visit, detector=detector))
-    if not frames:
+    if len(truth) == 0:
         return None, ""
-    truth = pd.concat(frames, ignore_index=True)
-    truth = truth.assign(flux_njy=truth["delta_flux"].to_numpy(float),
-                         expected_snr=np.abs(truth["snr"].to_numpy(float)))
-    matched, sources = match_injections(truth, catalog, radius,
-                                        known=pd.concat(known, ignore_index=True) if known else None)
+    matched, sources = match_survey_truth(truth, catalog, radius)
     transients = matched[matched["kind"] == "transient"].reset_index(drop=True)
     summary = summarize_injections(transients, sources, areas, n_bootstrap=n_bootstrap,
                                    n_images=len(done))
@@ -365,8 +343,14 @@ def _kernel_figure(records: list[dict[str, Any]]) -> str | None:
             extent = (spec["x"][0], spec["x"][-1], spec["y"][0], spec["y"][-1])
             image = ax.imshow(grid, origin="lower", extent=extent, cmap="viridis", vmin=vmin,
                               vmax=max(vmax, vmin + 1e-6), aspect="auto")
-            ax.set_title(f"visit {record['visit']} det {record['detector']}", fontsize=8)
+            # A flat map (constant kernel sum) says nothing by colour alone: print the numbers.
+            ax.set_title(f"visit {record['visit']} det {record['detector']}\n"
+                         f"{float(np.median(grid)):.3f}, range {float(grid.min()):.3f}–"
+                         f"{float(grid.max()):.3f}", fontsize=8)
+            ax.set_xlabel("x (px)", fontsize=7)
+            ax.set_ylabel("y (px)", fontsize=7)
             ax.tick_params(labelsize=6)
+        fig.subplots_adjust(left=0.08, right=0.86, bottom=0.16, top=0.82, wspace=0.45, hspace=0.7)
         fig.colorbar(image, ax=fig.axes, shrink=0.8, label="kernel sum")
         return _png_uri(fig)
     visits = sorted({int(r["visit"]) for r in done})
@@ -394,13 +378,46 @@ def _kernel_figure(records: list[dict[str, Any]]) -> str | None:
     return _png_uri(fig)
 
 
+def _interval_errors(table: pd.DataFrame) -> np.ndarray:
+    """Error-bar lengths below / above each binned completeness (rounding can make them -1e-17)."""
+    value = table["completeness"].to_numpy(float)
+    return np.clip([value - table["lower"].to_numpy(float), table["upper"].to_numpy(float) - value],
+                   0.0, None)
+
+
+def _magnitude_panel(ax, summary) -> None:
+    """Completeness vs injected AB magnitude: 0.25-mag bins and the fitted curve."""
+    from .completeness import completeness_table
+
+    mags = summary.matched["mag"].to_numpy(float)
+    found = summary.matched["found"].to_numpy(bool)
+    good = np.isfinite(mags)
+    lo, hi = math.floor(mags[good].min() * 4) / 4, math.ceil(mags[good].max() * 4) / 4 + 0.25
+    table = completeness_table(mags[good], found[good], np.arange(lo, hi + 1e-9, 0.25))
+    centre = 0.5 * (table["lo"] + table["hi"])
+    ax.errorbar(centre, table["completeness"],
+                yerr=_interval_errors(table), fmt="o", color="tab:blue", ms=4,
+                label="binned (68% Wilson)")
+    grid = np.linspace(lo, hi, 200)
+    ax.plot(grid, summary.fit_mag(grid), color="tab:orange", label="logistic fit")
+    for q, x in ((0.5, summary.fit_mag.x50), (0.9, summary.fit_mag.x90)):
+        if math.isfinite(x):
+            ax.axvline(x, color="grey", ls=":", lw=1)
+            ax.text(x, q, f" {q:.0%} at {x:.2f}", fontsize=7, va="bottom")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("injected magnitude (AB)")
+    ax.set_ylabel("completeness")
+    ax.legend(fontsize=7, loc="lower left")
+
+
 def _completeness_figure(summary) -> str:
-    fig = _figure(9.0, 3.4)
-    ax = fig.add_subplot(1, 2, 1)
+    with_mag = summary.fit_mag is not None and "mag" in summary.matched
+    n_panels = 3 if with_mag else 2
+    fig = _figure(4.5 * n_panels, 3.4)
+    ax = fig.add_subplot(1, n_panels, 1)
     table = summary.table
     if len(table):
-        ax.errorbar(table["centre"], table["completeness"],
-                    yerr=[table["completeness"] - table["lower"], table["upper"] - table["completeness"]],
+        ax.errorbar(table["centre"], table["completeness"], yerr=_interval_errors(table),
                     fmt="o", color="tab:blue", ms=4, label="binned (68% Wilson)")
     if summary.fit is not None:
         lo = max(float(np.nanmin(summary.matched["expected_snr"])) * 0.8, 0.5)
@@ -425,7 +442,9 @@ def _completeness_figure(summary) -> str:
     ax.set_xlabel("injected S/N")
     ax.set_ylabel("completeness")
     ax.legend(fontsize=7, loc="lower right")
-    ax2 = fig.add_subplot(1, 2, 2)
+    if with_mag:
+        _magnitude_panel(fig.add_subplot(1, n_panels, 2), summary)
+    ax2 = fig.add_subplot(1, n_panels, n_panels)
     pulls = summary.matched["flux_pull"].to_numpy(float)
     strong = summary.matched["expected_snr"].to_numpy(float) >= 10
     pulls = pulls[np.isfinite(pulls) & strong]
@@ -462,23 +481,44 @@ def _timing_figure(records: list[dict[str, Any]]) -> tuple[str | None, pd.DataFr
     return _png_uri(fig), table
 
 
-def _gallery(run: RunData, n_per_kind: int, size: int) -> tuple[dict[str, str], list[str]]:
-    """Triplet figures per kind, and notes about what could not be shown."""
-    from .cutouts import cutout_triplet, select_gallery, triplet_figure
+def run_cutout_triplets(run: RunData | str | Path, sources: pd.DataFrame, size: int = 31
+                        ) -> tuple[dict[int, Any], list[str]]:
+    """Science / template / difference triplets of DIA sources of a run (the report's gallery).
+
+    The difference comes from the run's ``difference.zarr``, the science
+    image from the manifest (with the run's injections re-rendered from their
+    truth tables and seeds, so the stamps show what was subtracted) and the
+    template is assembled again from the run's template store with the run's
+    template config. The notebook uses the same function.
+
+    Parameters
+    ----------
+    run : RunData or path
+        A run (:func:`load_run`) or its directory.
+    sources : pandas.DataFrame
+        Rows of the run's catalog: ``visit``, ``detector``, ``x``, ``y``,
+        ``diaSourceId``, ``snr`` (``kind`` optional; else from ``isDipole`` /
+        ``isNegative``).
+    size : int
+        Stamp side (pixels, odd).
+
+    Returns
+    -------
+    (dict, list of str)
+        ``{diaSourceId: CutoutTriplet}`` and notes on what could not be shown
+        (missing difference, science or template images).
+    """
+    from .cutouts import _kind, cutout_triplet
     from .injection import InjectionConfig, inject_sources, read_injection_truth
 
+    run = run if isinstance(run, RunData) else load_run(run)
     notes: list[str] = []
-    catalog = run.catalog
-    if len(catalog) == 0:
-        return {}, ["the run has no DIA sources"]
-    picks = select_gallery(catalog, n_per_kind)
-    wanted = pd.concat([df for df in picks.values() if len(df)], ignore_index=True)
-    if len(wanted) == 0:
-        return {}, ["the run has no DIA sources"]
+    triplets: dict[int, Any] = {}
+    if len(sources) == 0:
+        return triplets, notes
     injected, injected_meta = read_injection_truth(run.run_dir)
     records = {(int(r["visit"]), int(r["detector"])): r for r in run.records}
-    triplets: dict[int, Any] = {}
-    for (visit, detector), rows in wanted.groupby(["visit", "detector"]):
+    for (visit, detector), rows in sources.groupby(["visit", "detector"]):
         visit, detector = int(visit), int(detector)
         record = records.get((visit, detector), {})
         difference = _open_difference(run.run_dir, visit, detector)
@@ -512,11 +552,26 @@ def _gallery(run: RunData, n_per_kind: int, size: int) -> tuple[dict[str, str], 
                 notes.append(f"visit {visit} detector {detector}: template unavailable ({exc})")
         if science is None:
             science = difference
-        for row in rows.itertuples():
-            triplets[int(row.diaSourceId)] = cutout_triplet(
-                science, template, difference, float(row.x), float(row.y), size,
-                kind=row.kind, diaSourceId=int(row.diaSourceId), snr=float(row.snr), visit=visit,
+        for _, row in rows.iterrows():
+            kind = row["kind"] if "kind" in row and isinstance(row["kind"], str) else _kind(row)
+            triplets[int(row["diaSourceId"])] = cutout_triplet(
+                science, template, difference, float(row["x"]), float(row["y"]), size, kind=kind,
+                diaSourceId=int(row["diaSourceId"]), snr=float(row["snr"]), visit=visit,
                 detector=detector)
+    return triplets, notes
+
+
+def _gallery(run: RunData, n_per_kind: int, size: int) -> tuple[dict[str, str], list[str]]:
+    """Triplet figures per kind, and notes about what could not be shown."""
+    from .cutouts import select_gallery, triplet_figure
+
+    if len(run.catalog) == 0:
+        return {}, ["the run has no DIA sources"]
+    picks = select_gallery(run.catalog, n_per_kind)
+    wanted = pd.concat([df for df in picks.values() if len(df)], ignore_index=True)
+    if len(wanted) == 0:
+        return {}, ["the run has no DIA sources"]
+    triplets, notes = run_cutout_triplets(run, wanted, size)
     figures = {}
     for kind, df in picks.items():
         chosen = [triplets[int(i)] for i in df["diaSourceId"] if int(i) in triplets]
@@ -684,7 +739,8 @@ def make_report(run_dir: str | Path, out_html: str | Path | None = None, *,
                  "robust_std": float(1.4826 * np.median(np.abs(values - np.median(values))))}
         parts.append(_img(_noise_figure(values, total), "noise histogram"))
         parts.append("<p class='note'>Pixels with any of "
-                     f"{_esc(', '.join(NOISE_EXCLUDE_PLANES))} are left out. For N(0, 1) the "
+                     f"{_esc(', '.join(NOISE_EXCLUDE_PLANES))} are left out (so the tails stop near the "
+                     "detection threshold: detected pixels are masked). For N(0, 1) the "
                      "fraction beyond 5σ is 5.7e-7; sky_noise_ratio is the scatter of PSF fluxes "
                      "on empty sky over their predicted errors (≈1 when the variance plane "
                      "describes the noise on the PSF scale).</p>")
@@ -714,8 +770,8 @@ def make_report(run_dir: str | Path, out_html: str | Path | None = None, *,
         parts.append(f"<p>Truth: {_esc(described)}; match radius {match_radius:g} px, one-to-one.</p>")
         parts.append(_img(_completeness_figure(summary), "completeness curve"))
         keys = ["n_injected", "n_found", "completeness", "snr50", "snr90", "completeness_plateau",
-                "mag50", "n_sources", "n_false", "false_per_image", "false_per_deg2",
-                "false_per_mpix", "n_duplicates", "flux_bias_median", "flux_pull_median",
+                "mag50", "mag90", "n_sources", "n_false", "false_per_image", "false_per_deg2",
+                "false_per_mpix", "n_duplicates", "n_known", "flux_bias_median", "flux_pull_median",
                 "flux_pull_robust_std"]
         metric_table = pd.DataFrame({"metric": keys,
                                      "value": pd.Series([_fmt(m.get(k, math.nan)) for k in keys],

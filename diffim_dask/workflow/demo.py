@@ -5,8 +5,9 @@
 2. run the default pipeline (``workflows/alard-lupton.yaml``) over it on a
    LocalCluster: template assembly, Alard-Lupton subtraction, detection and
    measurement, Parquet catalog;
-3. match the DIA sources to the truth and print completeness by S/N and the
-   false detections.
+3. match the DIA sources to the truth with the QA matcher (optimal one-to-one,
+   :func:`diffim_dask.qa.completeness.match_survey_truth`) and print completeness by
+   S/N, the fitted 50 % / 90 % points and the false detections.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def run_demo_command(args) -> int:
     config = SurveyConfig(seed=args.seed, n_visits=args.visits, n_detectors=args.detectors,
                           detector_shape=(args.size, args.size))
     pipeline = load_pipeline(args.pipeline)
-    print(f"diffim-dask demo: {args.visits} visits x {args.detectors} detectors of {args.size}x{args.size} px, "
+    print(f"diffim-dask demo: {args.visits} visits x {args.detectors} detectors of "
+          f"{args.size}x{args.size} px, "
           f"pipeline {pipeline.name!r}, {args.workers} local workers; output in {out}/", flush=True)
     with cluster_client(None, args.workers) as client:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
@@ -47,7 +49,7 @@ def run_demo_command(args) -> int:
                             manifest_path=str(out / "survey" / "manifest.yaml"))
     print_run_summary(result)
     done = [(r["visit"], r["detector"]) for r in result.records if r["status"] == "done"]
-    print("\n3/3 Against the truth (transients matched within 2 px):")
+    print("\n3/3 Against the truth (transients matched one-to-one within 2 px):")
     evaluation = evaluate_run(read_catalog(out / "run"), out / "survey" / "truth", done,
                               config.detector_shape)
     print(evaluation.format())
