@@ -177,3 +177,48 @@ def test_insufficient_sources_errors_say_why():
     with pytest.raises(InsufficientKernelSourcesError, match="all-pixels") as info:
         subtract_alard_lupton(pair.science, template, _config())
     assert "stars:" in str(info.value)
+
+
+@pytest.mark.parametrize("zero_points", [(27.0, 27.0), (27.0, 26.5)])
+def test_stamp_without_kernel_stars_matches_the_psf_models(zero_points):
+    # A 63 px cut-out whose only bright source is the variable itself (an alert stamp):
+    # no kernel star fits, and an all-pixels fit would absorb the fading into the
+    # kernel sum. The PSF-model kernel keeps the flux scale of the calibrations.
+    from _al_fixtures import psf_flux, render
+    from diffim_dask import Exposure, GaussianPsf, PhotoCalib, VisitInfo
+
+    shape, x, y = (63, 63), 31.3, 30.8
+    science_psf, template_psf = GaussianPsf(3.0), GaussianPsf(2.2)
+    science_zp, template_zp = zero_points
+    # Template counts scaled so both images hold the same sky flux (in nJy) for the star.
+    template_flux = 2e5 * 10 ** (0.4 * (template_zp - science_zp))
+    rng = np.random.default_rng(71)
+
+    def exposure(flux, psf, sigma, zero_point):
+        model = render(shape, [x, 12.0], [y, 50.0], [flux, 0.02 * flux], psf)
+        variance = sigma**2 + np.clip(model, 0, None) * 0.1
+        image = model + 100.0 + np.sqrt(variance) * rng.standard_normal(shape)
+        return Exposure.from_arrays(image.astype(np.float32), variance.astype(np.float32),
+                                    psf=psf, photo_calib=PhotoCalib(zero_point),
+                                    info=VisitInfo(band="r"))
+
+    science = exposure(0.7 * 2e5, science_psf, 10.0, science_zp)  # faded by 30%
+    template = exposure(template_flux, template_psf, 4.0, template_zp)
+    result = subtract_alard_lupton(science, template, _config())
+    meta = result.metadata
+    assert meta["strategy"] == "psf-model" and "stars: only 0" in meta["fallback_reason"]
+    expected_sum = 10 ** (0.4 * (science_zp - template_zp))
+    assert result.kernel.kernel_sum() == pytest.approx(expected_sum, rel=1e-9)
+    # K ⊗ P_T matches P_S: the matched template PSF has the science FWHM.
+    matched = fftconvolve(template_psf.image(size=41), result.kernel.image(), mode="same")
+    assert fwhm_of_stamp(matched) == pytest.approx(3.0, rel=0.03)
+    img, var, _ = result.difference.arrays()
+    flux, err = psf_flux(img, var, x, y, science_psf)
+    assert flux == pytest.approx(-0.3 * 2e5, rel=0.05)
+    assert abs(flux / err) > 50
+    # The all-pixels fit on the same stamp hides most of the change in the kernel.
+    fitted = subtract_alard_lupton(science, template,
+                                   _config(sources={"auto_psf_model_below": 0}))
+    assert fitted.metadata["strategy"] == "all-pixels"
+    absorbed, _ = psf_flux(*fitted.difference.arrays()[:2], x, y, science_psf)
+    assert abs(absorbed) < 0.5 * abs(flux)

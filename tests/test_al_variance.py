@@ -121,5 +121,9 @@ def test_pipeline_difference_is_white_with_unit_variance(grid):
         z = img / np.sqrt(np.where(var > 0, var, 1))
         assert min(_lag1(z, sky_raw)) > 0.1  # correlated before the afterburner
         assert np.std(z[sky_raw]) == pytest.approx(1.0, abs=0.03)  # variance still right
-        # The decorrelated difference keeps the science PSF (convolveTemplate).
-        assert result.difference.psf is pair.science.psf
+        # The noisy template makes the filter sharpen the PSF measurably (PSF-flux bias
+        # above DecorrelationConfig.psf_bias_tolerance): the difference carries the
+        # science PSF convolved with the filter, not the science PSF itself.
+        assert result.metadata["decorrelation_psf_flux_bias"] > 0.02
+        assert result.metadata["difference_psf"] == "decorrelated"
+        assert result.difference.psf.fwhm() < pair.science.psf.fwhm(159.5, 159.5)

@@ -200,10 +200,9 @@ def _difference_block(reference, matched, *masks, offset, origin, sign, scale_re
 
 def _variance_block(var_reference, var_convolved, *masks, offset, origin, nodes, spatial,
                     scale_reference, scale_convolved, propagation, workers, fft_dtype):
-    mask = _combined_mask(masks, offset, None, 0)
     # Inputs are sanitised upstream (non-finite pixels are NO_DATA with variance 0).
-    out = np.zeros(var_reference.shape, np.float32)
-    weights = _node_weights(nodes, offset, out.shape, origin)
+    weights = _node_weights(nodes, offset, var_reference.shape, origin)
+    out = None if len(weights) == 1 else np.zeros(var_reference.shape, np.float32)
     for j, i, wy, wx in weights:
         ref_kernel = nodes.ref_var_kernels[j, i]
         conv_kernel = nodes.conv_var_kernels[j, i]
@@ -213,28 +212,37 @@ def _variance_block(var_reference, var_convolved, *masks, offset, origin, nodes,
         if scale_convolved != 0:
             if propagation == "pointwise":
                 value = quadratic_form_grid(nodes.conv_var_grams[j, i] * scale_convolved**2,
-                                            spatial, offset=offset, shape=out.shape, origin=origin)
+                                            spatial, offset=offset, shape=var_reference.shape,
+                                            origin=origin)
                 value *= var_convolved
             else:
                 value = quadratic_form_grid(
                     nodes.conv_var_grams[j, i] * (scale_convolved**2 / node_norm2), spatial,
-                    offset=offset, shape=out.shape, origin=origin)
+                    offset=offset, shape=var_reference.shape, origin=origin)
                 value *= _convolve_one(var_convolved, conv_kernel**2, workers, fft_dtype)
         else:
-            value = np.zeros(out.shape, np.float32)
+            value = np.zeros(var_reference.shape, np.float32)
         if scale_reference != 0:
             if propagation == "pointwise":
-                value += var_reference * np.float32(scale_reference**2 * (ref_kernel**2).sum())
+                # value += c V_Y without an image-sized temporary: (value / c + V_Y) c.
+                factor = np.float32(scale_reference**2 * (ref_kernel**2).sum())
+                if factor > 0:
+                    value *= np.float32(1.0) / factor
+                    value += var_reference
+                    value *= factor
             else:
                 ref_part = _convolve_one(var_reference, ref_kernel**2, workers, fft_dtype)
                 ref_part *= np.float32(scale_reference**2)
                 value += ref_part
-        if len(weights) > 1:
-            value *= wy[:, None]
-            value *= wx[None, :]
+        if out is None:
+            out = value
+            continue
+        value *= wy[:, None]
+        value *= wx[None, :]
         out += value
     np.maximum(out, 0, out=out)
-    out[(mask & MASK_DTYPE(_NO_DATA)) != 0] = 0
+    for mask in masks:
+        np.copyto(out, np.float32(0), where=(mask & MASK_DTYPE(_NO_DATA)) != 0)
     return out
 
 

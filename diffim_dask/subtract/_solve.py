@@ -43,12 +43,18 @@ pixels whose residual exceeds ``clip_sigma`` times
 early mismatch are kept) get zero weight, and the fit is repeated until the
 clipped set stops changing, so transients, variables and bad pixels do not
 bias it.
+
+PSF-model strategy (:func:`fit_psf_models`, for images with too few sources,
+e.g. alert cut-outs): the same basis fitted to the noise-free PSF models,
+:math:`P_Y \\approx K \\otimes P_X`, with the kernel sum held at a given value
+(the ratio of the photometric calibrations); a constant kernel and background.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -63,6 +69,22 @@ __all__ = []
 
 #: Budget (bytes) of one batch of design matrices.
 _BATCH_BYTES = 64 * 2**20
+
+
+def _map_batches(function, batches, threads: int):
+    """``function`` over ``batches``, in order; on ``threads`` threads when more than one.
+
+    The batch work is large GEMMs with single-threaded BLAS (:mod:`._threads`), which
+    release the GIL: threads over batches use the cores without OpenBLAS's per-call
+    thread start-up on small matrices.
+    """
+    if threads <= 1 or len(batches) <= 1:
+        return map(function, batches)
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(batches)))
+    try:
+        return list(pool.map(function, batches))
+    finally:
+        pool.shutdown()
 
 
 class FitFailure(Exception):
@@ -300,11 +322,13 @@ class KernelFitter:
         PSF of ``Y`` (for the residual-flux test).
     kernel_norm2 : float
         Estimate of ``‖K‖²`` used in the residual variance ``V_Y + V_X ‖K‖²``.
+    threads : int
+        Threads for the per-star fits (batches of stamps run concurrently).
     """
 
     def __init__(self, reference, convolved, var_reference, var_convolved, usable, basis,
                  kernel_spatial, background_spatial, config, basis_config, origin=(0, 0),
-                 reference_psf=None, kernel_norm2: float = 0.1):
+                 reference_psf=None, kernel_norm2: float = 0.1, threads: int = 1):
         self.reference = reference
         self.convolved = convolved
         self.var_reference = var_reference
@@ -320,6 +344,7 @@ class KernelFitter:
                               config.constant_kernel_sum, config.fit_background)
         self.reference_psf = reference_psf
         self.kernel_norm2 = float(kernel_norm2)
+        self.threads = max(1, int(threads))
         flat = basis.stamps.reshape(len(basis), -1)
         self._basis_gram = flat @ flat.T
 
@@ -518,16 +543,19 @@ class KernelFitter:
             status[idx] = reason
             counts[reason] += int(np.size(idx))
 
+        def fit_batch(idx):
+            design, target, sigma2, fit_var, usable = self.stamp_data(iy[idx], ix[idx],
+                                                                      fit_half)
+            mom = self.moments(design, target, sigma2, fit_var, usable.astype(float), psf)
+            del design
+            penalty = self._local_penalty(mom.matrix)
+            system = mom.matrix if penalty is None else mom.matrix + penalty
+            return idx, mom, _solve_batched(system, mom.vector, cfg.max_condition_number)
+
         def fit_singles(indices):
-            for batch in self._batches(indices.size, fit_half):
-                idx = indices[batch]
-                design, target, sigma2, fit_var, usable = self.stamp_data(iy[idx], ix[idx],
-                                                                          fit_half)
-                mom = self.moments(design, target, sigma2, fit_var, usable.astype(float), psf)
+            batches = [indices[batch] for batch in self._batches(indices.size, fit_half)]
+            for idx, mom, alpha in _map_batches(fit_batch, batches, self.threads):
                 moments.put(idx, mom)
-                penalty = self._local_penalty(mom.matrix)
-                system = mom.matrix if penalty is None else mom.matrix + penalty
-                alpha = _solve_batched(system, mom.vector, cfg.max_condition_number)
                 single[idx] = alpha
                 fitted[idx] = True
                 bad = ~np.all(np.isfinite(alpha), axis=1)
@@ -734,3 +762,73 @@ class KernelFitter:
             "time_fit": time.perf_counter() - t0,
         }
         return KernelSolution(self._kernel(coefficients), background, table, metadata)
+
+
+def _pad_to(stamp: np.ndarray, half: int) -> np.ndarray:
+    """Odd square ``stamp`` cropped or zero-padded (centred) to ``2 half + 1`` pixels."""
+    own = stamp.shape[0] // 2
+    if own > half:
+        return stamp[own - half:own + half + 1, own - half:own + half + 1]
+    return np.pad(stamp, half - own)
+
+
+def fit_psf_models(basis, reference_psf: np.ndarray, convolved_psf: np.ndarray,
+                   kernel_spatial, background_spatial, *, kernel_sum: float,
+                   background_level: float, basis_config, max_condition: float
+                   ) -> KernelSolution:
+    """Kernel matching the two PSF models: ``P_ref ≈ K ⊗ P_conv`` (no image pixels used).
+
+    The stamps are noise-free unit-sum PSF images, so the least-squares
+    coefficients of the basis (its sum-carrying function :math:`B_0` held at
+    ``kernel_sum``, the zero-sum functions free; with the basis penalty for
+    delta functions) give the shape of the matching kernel exactly as far as
+    the basis can express it. The kernel is constant over the image and the
+    background is the constant ``background_level``. For images with too few
+    sources to constrain a fit: their only sources may be variables or the
+    transient itself, whose change an image fit would absorb.
+
+    Returns
+    -------
+    KernelSolution
+        Strategy ``"psf-model"``; ``metadata["psf_model_residual"]`` is
+        ``‖P_ref − K ⊗ P_conv‖ / ‖P_ref‖``.
+    """
+    t0 = time.perf_counter()
+    half = basis.half_width
+    fit_half = max(reference_psf.shape[0] // 2, convolved_psf.shape[0] // 2 + half)
+    target = _pad_to(reference_psf / reference_psf.sum(), fit_half).reshape(-1)
+    source = _pad_to(convolved_psf / convolved_psf.sum(), fit_half + half)
+    raw = stamp_raw_convolutions(source[None].astype(np.float64), basis, fit_half)
+    design = basis.transform @ raw.reshape(raw.shape[0], -1)  # (n_basis, pixels)
+    matrix = design @ design.T
+    vector = design @ (target * kernel_sum)
+    if basis.penalty is not None:
+        lam = basis_config.lambda_value
+        if basis_config.lambda_type == "relative":
+            lam *= np.trace(matrix) / max(np.trace(basis.penalty), 1e-300)
+        matrix = matrix + lam * basis.penalty
+    alpha = np.empty(len(basis))
+    alpha[0] = kernel_sum
+    free = np.arange(1, len(basis))
+    alpha[free], condition = _solve_pinv(matrix[np.ix_(free, free)],
+                                         vector[free] - matrix[free, 0] * kernel_sum,
+                                         max_condition)
+    if not np.all(np.isfinite(alpha)):
+        raise FitFailure("the PSF-model kernel solution is not finite")
+    coefficients = np.zeros((len(basis), len(kernel_spatial)))
+    coefficients[:, 0] = alpha  # T_0 = 1: a constant kernel
+    background = np.zeros(len(background_spatial))
+    background[0] = background_level
+    residual = target * kernel_sum - alpha @ design
+    table = pd.DataFrame({"x": np.zeros(0), "y": np.zeros(0), "ix": np.zeros(0, int),
+                          "iy": np.zeros(0, int), "status": np.zeros(0, str),
+                          "used": np.zeros(0, bool)})
+    metadata = {
+        "strategy": "psf-model", "n_candidates": 0, "n_used": 0, "n_rejected": 0,
+        "condition_number": float(condition), "n_unknowns": len(basis) - 1,
+        "psf_model_residual": float(np.linalg.norm(residual)
+                                    / np.linalg.norm(target * kernel_sum)),
+        "time_fit": time.perf_counter() - t0,
+    }
+    kernel = SpatialKernel(basis.stamps.copy(), coefficients, kernel_spatial)
+    return KernelSolution(kernel, background, table, metadata)

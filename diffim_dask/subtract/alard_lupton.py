@@ -20,7 +20,9 @@
    sigma-clipping; if a star fit fails the quality gate it is retried on all
    pixels and the better result is kept;
 6. convolve block by block (:mod:`._apply`), difference, decorrelate
-   (:mod:`.decorrelation`) and propagate the variance;
+   (:mod:`.decorrelation`, with each input's noise autocorrelation measured
+   on its sky pixels when ``DecorrelationConfig.noise_model = 'measured'``)
+   and propagate the variance; attach the PSF the difference really has;
 7. compute the footprint residual ratio and apply the quality gate.
 
 :func:`subtract_alard_lupton_preconvolved` is the score (preconvolution)
@@ -34,7 +36,9 @@ flux-ratio and residual-flux tests against transients/variables among kernel
 stars, a ridge on unconstrained spatial kernel terms, a model-tolerant clip in
 the all-pixels fit, a noise-unbiased footprint ratio, data-calibrated residual
 noise for deconvolution kernels, a template divided by the kernel sum in
-``convolveScience`` mode, and a decorrelated PSF in ``convolveScience`` mode.
+``convolveScience`` mode, a decorrelation (and score) filter modelling the
+measured noise correlation of resampled inputs, and the decorrelated PSF
+whenever the filter changes PSF fluxes measurably.
 """
 
 from __future__ import annotations
@@ -54,18 +58,20 @@ from ..errors import (BadInputDataError, ConfigurationError, InsufficientKernelS
                       BadSubtractionError, NoWorkFound)
 from ..exposure import Exposure, validate_pair
 from ..masks import MASK_DTYPE, mask_bit, mask_value
-from ..psf.models import FWHM_PER_SIGMA, ImagePsf
+from ..psf.models import FWHM_PER_SIGMA, GridPsf, ImagePsf
+from ..zogy.noise import measure_noise_correlation
 from . import _apply
 from ._basis import make_basis
 from ._convolve import dilate_bits, fft_convolve_same, grow_flags
 from ._kernel_sources import _BgSub, _cutouts, flux_ratio_outliers, select_stars, tile_grid
 from ._quality import disc, footprint_residual_ratios
-from ._solve import FitFailure, KernelFitter, KernelSolution
+from ._solve import FitFailure, KernelFitter, KernelSolution, fit_psf_models
 from ._spatial import ChebyshevBasis2D
 from ._stats import image_statistics
 from ._threads import single_blas_thread
 from .config import AlardLuptonConfig
-from .decorrelation import decorrelation_kernel, mean_variance, score_kernel
+from .decorrelation import (NOISE_POWER_FLOOR, decorrelation_kernel, mean_variance,
+                            noise_correlation_factor, psf_flux_bias, score_kernel)
 from .kernel import SpatialBackground
 from .result import SubtractionResult
 from .variance import measure_variance_scale
@@ -273,6 +279,9 @@ class _Prepared:
                 image.scale_variance(result.factor)
                 setattr(self, attr, result)
         timer.lap("variance_scaling")
+        self.science_noise, self.template_noise = _noise_correlations(
+            config.decorrelation, ((sci, self.science_stats), (tmpl, self.template_stats)))
+        timer.lap("noise_correlation")
         # Keep only what later steps use (the science S/N map selects stars and footprints).
         self.science_stats = dataclasses.replace(self.science_stats, sources=None)
         self.template_stats = dataclasses.replace(self.template_stats, sources=None, snr=None)
@@ -283,6 +292,42 @@ class _Prepared:
     @property
     def science_snr_scale(self) -> float:
         return 1.0 / math.sqrt(self.science_scale.factor) if self.science_scale else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _InputNoise:
+    """Measured noise autocorrelation of one input and whether the filter models it."""
+
+    measured: object  # diffim_dask.zogy.noise.NoiseCorrelation
+    correlated: bool
+
+    @property
+    def acf(self):
+        """Autocorrelation stamp used by the filter (``None``: white noise)."""
+        return self.measured.acf if self.correlated else None
+
+
+def _noise_correlations(dcfg, images):
+    """Measured noise of each input (``None``, ``None`` unless the filter models it).
+
+    Measured on sky pixels (good, outside the source mask, background
+    removed); an input whose lag-1 correlation is below
+    ``noise_correlation_threshold`` is modelled as white.
+    """
+    if not dcfg.enabled or dcfg.noise_model != "measured":
+        return None, None
+    out = []
+    for image, stats in images:
+        # Sources are already masked (PSF-smoothed S/N above the source threshold, grown);
+        # the helper's own default clip (2.5σ, grown by 3 px) would also remove the positive
+        # excursions of correlated noise and their neighbours, biasing the correlation low
+        # (by ~8% in the sum for lag-1 ≈ 0.4), so only isolated > 5σ pixels are clipped.
+        correlation = measure_noise_correlation(
+            image.image, stats.good & ~stats.sources, stats.background,
+            radius=dcfg.noise_correlation_radius, clip=5.0, grow=1)
+        correlated = max(abs(v) for v in correlation.lag1) > dcfg.noise_correlation_threshold
+        out.append(_InputNoise(correlation, bool(correlated)))
+    return tuple(out)
 
 
 def _choose_direction(mode: str, prep: _Prepared) -> str:
@@ -362,7 +407,33 @@ class _KernelFitting:
                             self._usable if need_usable else None, self.basis,
                             self.kernel_spatial, self.background_spatial, self.config.fit,
                             self.config.basis, self.prep.origin, reference_psf=m.reference_psf,
-                            kernel_norm2=_kernel_norm2_estimate(self.basis))
+                            kernel_norm2=_kernel_norm2_estimate(self.basis),
+                            threads=self.prep.workers)
+
+    def usable_fraction(self) -> float:
+        """Fraction of the pixels an all-pixels fit could use."""
+        self.fitter(True)  # builds the usable map
+        return float(self._usable.mean())
+
+    def fit_psf_models(self) -> KernelSolution:
+        """Constant kernel matching the PSF models; sum from the photometric calibrations."""
+        prep, matching = self.prep, self.matching
+        calibs = (prep.sci.exposure.photo_calib, prep.tmpl.exposure.photo_calib)
+        ratio = 1.0
+        if all(c is not None for c in calibs):
+            ratio = float(calibs[1].njy_per_count / calibs[0].njy_per_count)
+        if matching.direction == "convolveScience":
+            ratio = 1.0 / ratio
+            convolved_psf = prep.science_psf_stamp
+            skies = (prep.template_stats.sky_level, prep.science_stats.sky_level)
+        else:
+            convolved_psf = prep.template_psf_stamp
+            skies = (prep.science_stats.sky_level, prep.template_stats.sky_level)
+        return fit_psf_models(
+            self.basis, matching.reference_psf, convolved_psf, self.kernel_spatial,
+            self.background_spatial, kernel_sum=ratio,
+            background_level=float(skies[0] - ratio * skies[1]),
+            basis_config=self.config.basis, max_condition=self.config.fit.max_condition_number)
 
     def stars_needed(self, strategy: str) -> int:
         scfg = self.config.sources
@@ -398,6 +469,10 @@ class _KernelFitting:
                                     f"(need {needed})")
                 if solution is None and strategy == "stars":
                     _raise_fit_failure(self.prep, self.config, failures, counts)
+            if (solution is None and strategy == "auto"
+                    and len(self.stars) < self.config.sources.auto_psf_model_below
+                    and self.usable_fraction() >= self.config.sources.min_pixel_fraction):
+                solution = self.fit_psf_models()
             if solution is None:
                 iy, ix, tile_half = tile_grid(self.prep.shape, self.config.sources.tile_size,
                                               self.basis.half_width)
@@ -481,23 +556,35 @@ def _node_positions(prep: _Prepared, grid: int):
     return xs, ys
 
 
-def _filter_nodes(kernel, xs, ys, image_kernel_fn):
+def _filter_nodes(kernel, xs, ys, image_kernel_fn, correlation_reference=None,
+                  correlation_convolved=None, power_floor=NOISE_POWER_FLOOR):
     """FilterNodes of the decorrelation: per node the filter f(K_node), f itself acting on the
-    unconvolved image's noise, and K_node ⊗ f acting on the convolved image's noise."""
-    image_k, conv_k, grams = [], [], []
+    unconvolved image's noise, and K_node ⊗ f acting on the convolved image's noise.
+
+    With correlated input noise (normalised autocorrelation stamps, ``None`` = white) the
+    variance kernels are scaled by the square root of their noise correlation factors
+    ``c`` (:func:`.decorrelation.noise_correlation_factor`), so the propagated per-pixel
+    variance is ``c_U V_U ‖f‖² + c_C V_C ‖K ⊗ f‖²``; the grams scale by ``c_C``.
+    """
+    image_k, ref_k, conv_k, grams = [], [], [], []
     for y in ys:
-        image_row, conv_row, gram_row = [], [], []
+        image_row, ref_row, conv_row, gram_row = [], [], [], []
         for x in xs:
             k_node = kernel.image(x, y)
             filt = image_kernel_fn(k_node)
+            effective = fftconvolve(k_node, filt, mode="full")
+            factor_ref = noise_correlation_factor(filt, correlation_reference, power_floor)
+            factor_conv = noise_correlation_factor(effective, correlation_convolved, power_floor)
             image_row.append(filt)
-            conv_row.append(fftconvolve(k_node, filt, mode="full"))
-            gram_row.append(kernel.norm_gram(filt))
+            ref_row.append(filt * math.sqrt(factor_ref))
+            conv_row.append(effective * math.sqrt(factor_conv))
+            gram_row.append(kernel.norm_gram(filt) * factor_conv)
         image_k.append(image_row)
+        ref_k.append(ref_row)
         conv_k.append(conv_row)
         grams.append(gram_row)
     return _apply.FilterNodes(np.asarray(xs, float), np.asarray(ys, float), np.array(image_k),
-                              np.array(image_k), np.array(conv_k), np.array(grams))
+                              np.array(ref_k), np.array(conv_k), np.array(grams))
 
 
 def _single_node(kernel, filt, ref, conv, gram):
@@ -527,11 +614,13 @@ def _plain_outputs(prep, config, fitting: _KernelFitting, solution: KernelSoluti
     fill_bits = mask_value(config.bad_mask_planes)
     if direction == "convolveTemplate":
         ref_img, conv_img = sci, tmpl
+        ref_corr, conv_corr = prep.science_noise, prep.template_noise
         conv_sky = prep.template_stats.sky_level
         sign, scale = 1.0, 1.0
         background = SpatialBackground(solution.background_coefficients, fitting.background_spatial)
     else:
         ref_img, conv_img = tmpl, sci
+        ref_corr, conv_corr = prep.template_noise, prep.science_noise
         conv_sky = prep.science_stats.sky_level
         # D = (S ⊗ K − T) / κ: science flux units; the differential background flips sign.
         sign, scale = -1.0, 1.0 / kernel_sum
@@ -544,12 +633,21 @@ def _plain_outputs(prep, config, fitting: _KernelFitting, solution: KernelSoluti
     var_conv_mean = mean_variance(conv_img.variance, conv_img.mask, ignore)
     identity = np.ones((1, 1))
     k_centre = kernel.image()
+    ref_acf = ref_corr.acf if ref_corr is not None else None
+    conv_acf = conv_corr.acf if conv_corr is not None else None
     if dcfg.enabled:
         size = _odd(dcfg.kernel_size_factor * kernel.size)
         xs, ys = (_node_positions(prep, dcfg.grid) if dcfg.grid > 1
                   else ([kernel.center[0]], [kernel.center[1]]))
-        nodes = _filter_nodes(kernel, xs, ys,
-                              lambda k: decorrelation_kernel(k, var_ref_mean, var_conv_mean, size))
+
+        def filter_at(k_node):
+            return decorrelation_kernel(k_node, var_ref_mean, var_conv_mean, size,
+                                        correlation_unconvolved=ref_acf,
+                                        correlation_convolved=conv_acf,
+                                        power_floor=dcfg.noise_power_floor)
+
+        nodes = _filter_nodes(kernel, xs, ys, filter_at, ref_acf, conv_acf,
+                              dcfg.noise_power_floor)
         filter_half = size // 2
         variance_nodes = nodes
     else:
@@ -601,24 +699,70 @@ def _plain_outputs(prep, config, fitting: _KernelFitting, solution: KernelSoluti
     matched_psf = prep.science_psf if direction == "convolveTemplate" else prep.template_psf
     diff_psf = matched_psf
     psf_choice = dcfg.difference_psf
-    if psf_choice == "auto":
-        psf_choice = "unconvolved" if direction == "convolveTemplate" else "decorrelated"
-    if not dcfg.enabled:
-        psf_choice = "unconvolved"
-    if psf_choice == "decorrelated":
+    psf_bias, phi_centre = 0.0, None
+    if dcfg.enabled:
         cx, cy = kernel.center
-        phi = (decorrelation_kernel(k_centre, var_ref_mean, var_conv_mean, size)
-               if dcfg.grid > 1 else nodes.image_kernels[0, 0])
-        diff_psf = ImagePsf(fftconvolve(matched_psf.image(cx, cy), phi, mode="full"))
+        phi_centre = filter_at(k_centre) if dcfg.grid > 1 else nodes.image_kernels[0, 0]
+        psf_bias = psf_flux_bias(matched_psf.image(cx, cy), phi_centre)
+        if psf_choice == "auto":
+            psf_choice = "decorrelated" if abs(psf_bias) > dcfg.psf_bias_tolerance \
+                else "unconvolved"
+        if psf_choice == "decorrelated":
+            diff_psf = _decorrelated_psf(prep, matched_psf, nodes, phi_centre)
+    else:
+        psf_choice = "unconvolved"
     metadata = {
         "decorrelation": bool(dcfg.enabled), "decorrelation_grid": int(dcfg.grid),
         "difference_psf": psf_choice, "decorrelation_kernel_size": 2 * filter_half + 1,
+        "decorrelation_psf_flux_bias": psf_bias,
+        "decorrelation_noise_model": dcfg.noise_model if dcfg.enabled else "none",
         "mean_variance_unconvolved": var_ref_mean, "mean_variance_convolved": var_conv_mean,
+        **_correlation_metadata("unconvolved", ref_corr, phi_centre, dcfg.noise_power_floor),
+        **_correlation_metadata("convolved", conv_corr, None if phi_centre is None else
+                                fftconvolve(k_centre, phi_centre, mode="full"),
+                                dcfg.noise_power_floor),
     }
     return _Outputs(
         science.with_planes(difference, diff_var, diff_mask).replace(psf=diff_psf),
         science.with_planes(matched, matched_var, matched_mask).replace(psf=matched_psf),
         background, None, metadata, gate_planes, fitting.science_bgsub)
+
+
+def _decorrelated_psf(prep, psf, nodes, phi_centre):
+    """The input PSF convolved with the decorrelation filter: what the difference really has.
+
+    An ImagePsf when neither the PSF nor the filter varies; otherwise a GridPsf on the
+    filter's nodes (or a 3 x 3 grid of tile centres for a single filter and a varying PSF).
+    """
+    varying_psf = bool(getattr(psf, "is_spatially_varying", True))
+    n_nodes = nodes.image_kernels.shape[0] * nodes.image_kernels.shape[1]
+    if n_nodes == 1 and not varying_psf:
+        cx, cy = prep.center
+        return ImagePsf(fftconvolve(psf.image(cx, cy), phi_centre, mode="full"))
+    if n_nodes > 1:
+        xs, ys = nodes.x_nodes, nodes.y_nodes
+        filters = nodes.image_kernels
+    else:
+        xs, ys = _node_positions(prep, 3)
+        filters = np.broadcast_to(phi_centre, (3, 3) + phi_centre.shape)
+    size = psf.image(prep.center[0], prep.center[1]).shape[0]
+    stamps = np.array([[fftconvolve(psf.image(x, y, size=size), filters[j, i], mode="full")
+                        for i, x in enumerate(xs)] for j, y in enumerate(ys)])
+    return GridPsf(xs, ys, stamps)
+
+
+def _correlation_metadata(which: str, noise: _InputNoise | None, kernel, floor) -> dict:
+    """Measured lag-1 correlation and ACF sum of one input, whether the filter models it, and
+    the variance correlation factor of ``kernel`` (the filter acting on that input's noise)."""
+    if noise is None:
+        return {f"noise_correlated_{which}": False}
+    meta = {f"noise_correlated_{which}": noise.correlated,
+            f"noise_lag1_{which}": [float(v) for v in noise.measured.lag1],
+            f"noise_acf_sum_{which}": noise.measured.matched_filter_factor}
+    if kernel is not None:
+        meta[f"noise_variance_factor_{which}"] = noise_correlation_factor(kernel, noise.acf,
+                                                                          floor)
+    return meta
 
 
 def _gate_planes(difference, variance, pipeline, sources, reach: int, shape):
@@ -912,11 +1056,25 @@ def _score_outputs(prep, config, solution, science, preconv, gate_science,
     half = kernel.half_width
     size = max(_odd(config.decorrelation.kernel_size_factor * kernel.size), _odd(2 * pre_half + 1))
     k_centre = kernel.image()
-    corr = score_kernel(k_centre, preconv, var_sci_mean, var_tmpl_mean, size)
+    # Correlated input noise (measured, see _noise_correlations): in the score filter, and as
+    # correlation factors c of each variance kernel (c V ‖g‖² is the per-pixel variance).
+    floor = config.decorrelation.noise_power_floor
+    sci_acf = prep.science_noise.acf if prep.science_noise is not None else None
+    tmpl_acf = prep.template_noise.acf if prep.template_noise is not None else None
+    corr = score_kernel(k_centre, preconv, var_sci_mean, var_tmpl_mean, size,
+                        correlation_science=sci_acf, correlation_template=tmpl_acf,
+                        power_floor=floor)
     identity = np.ones((1, 1))
-    score_nodes = _single_node(kernel, corr, fftconvolve(preconv, corr, mode="full"),
-                               fftconvolve(k_centre, corr, mode="full"), kernel.norm_gram(corr))
-    diff_nodes = _single_node(kernel, identity, preconv, k_centre, kernel.norm_gram())
+
+    def variance_node(filt, ref, conv, gram):
+        factor_ref = noise_correlation_factor(ref, sci_acf, floor)
+        factor_conv = noise_correlation_factor(conv, tmpl_acf, floor)
+        return _single_node(kernel, filt, ref * math.sqrt(factor_ref),
+                            conv * math.sqrt(factor_conv), gram * factor_conv)
+
+    score_nodes = variance_node(corr, fftconvolve(preconv, corr, mode="full"),
+                                fftconvolve(k_centre, corr, mode="full"), kernel.norm_gram(corr))
+    diff_nodes = variance_node(identity, preconv, k_centre, kernel.norm_gram())
     matched_nodes = _single_node(kernel, identity, np.zeros((1, 1)), k_centre, kernel.norm_gram())
 
     dilate_planes, keep_planes = _mask_planes("convolveTemplate", config)
@@ -983,6 +1141,9 @@ def _score_outputs(prep, config, solution, science, preconv, gate_science,
         "preconvolved": True, "preconvolution_kernel_size": int(preconv.shape[0]),
         "score_kernel_size": int(corr.shape[0]),
         "mean_variance_science": var_sci_mean, "mean_variance_template": var_tmpl_mean,
+        "decorrelation_noise_model": config.decorrelation.noise_model,
+        **_correlation_metadata("science", prep.science_noise, None, floor),
+        **_correlation_metadata("template", prep.template_noise, None, floor),
     }
     return _Outputs(
         science.with_planes(difference, diff_var, work_mask).replace(psf=pre_psf),

@@ -152,6 +152,13 @@ class KernelSourceConfig(ConfigBase):
     auto_stars_per_term: int = config_field(
         5, "'auto' strategy: also require this many usable stars per spatial kernel term "
         "(3 terms for order 1), so the spatial variation is constrained by stars.", minimum=0)
+    auto_psf_model_below: int = config_field(
+        3, "'auto' strategy: with fewer usable kernel stars than this (a small cut-out, or an "
+        "empty field) the kernel matches the two PSF models instead of being fitted on all "
+        "pixels: the image's few sources may be variables or the transient itself, whose "
+        "change an image fit absorbs into the kernel. The kernel sum is then the ratio of the "
+        "photometric calibrations (1 without them). 0 disables. Not in the anchor (its "
+        "ModelPsfMatchTask matches PSF models the same way).", minimum=0)
     cell_size: int = config_field(
         128, "Side (pixels) of the spatial cells that spread stars over the image.", minimum=16)
     max_per_cell: int = config_field(
@@ -261,15 +268,43 @@ class DecorrelationConfig(ConfigBase):
         ("INTRP", "EDGE", "DETECTED", "SAT", "CR", "BAD", "NO_DATA", "DETECTED_NEGATIVE"),
         "Pixels with these planes are ignored when measuring the mean variances.",
         choices=_PLANES)
+    noise_model: str = config_field(
+        "measured",
+        "Noise of the inputs assumed by the filter and the variance plane: 'white' (the "
+        "published afterburner), or 'measured': each input's normalised noise autocorrelation "
+        "is measured on its sky pixels and its power spectrum R(k) replaces the white-noise "
+        "sigma^2 (see diffim_dask.subtract.decorrelation), so resampled or coadded inputs, "
+        "whose noise is correlated between pixels, give a difference that is white with a "
+        "variance plane right on the PSF scale. An input whose lag-1 correlation is below "
+        "noise_correlation_threshold is treated as white, so white inputs give exactly the "
+        "'white' result.", choices=("measured", "white"))
+    noise_correlation_radius: int = config_field(
+        3, "Largest lag (pixels, per axis) of the measured noise autocorrelation.",
+        minimum=1, maximum=10)
+    noise_correlation_threshold: float = config_field(
+        0.05, "'measured': an input is modelled as correlated only when its measured lag-1 "
+        "correlation along x or y exceeds this (faint source wings bias white images by "
+        "~0.01).", minimum=0.0)
+    noise_power_floor: float = config_field(
+        0.2, "'measured': floor of each input's normalised noise power spectrum R(k) (white "
+        "noise has R = 1), which bounds the filter's high-frequency gain where the transform "
+        "of the truncated measured autocorrelation rings towards zero.", minimum=0.01,
+        maximum=1.0)
     difference_psf: str = config_field(
         "auto",
         "PSF attached to the decorrelated difference: 'unconvolved' = the PSF of the image that "
         "was not convolved (anchor behaviour); 'decorrelated' = that PSF convolved with the "
-        "decorrelation kernel at the image centre (what the difference really has); 'auto' = "
-        "'unconvolved' for convolveTemplate (the filter is close to a delta function when the "
-        "template is deep) and 'decorrelated' for convolveScience, where the filter sharpens the "
-        "PSF strongly and the template PSF would bias PSF fluxes by tens of percent.",
+        "decorrelation kernel (what the difference really has; a GridPsf over the filter nodes "
+        "when the filter or the PSF varies, else an ImagePsf); 'auto' = 'decorrelated' when "
+        "the filter measurably changes PSF fluxes, i.e. when |<P, P ⊗ φ> / <P, P> - 1| (the "
+        "fractional PSF-flux bias of fitting the unfiltered PSF P to a filtered point source) "
+        "exceeds psf_bias_tolerance at the image centre, else 'unconvolved' (which keeps the "
+        "input's own, possibly spatially varying, PSF model).",
         choices=("auto", "unconvolved", "decorrelated"))
+    psf_bias_tolerance: float = config_field(
+        0.02, "'auto' difference_psf: largest PSF-flux bias accepted from attaching the "
+        "unfiltered PSF (a template with ~10% of the science noise variance gives ~1%; a "
+        "template as noisy as the science image gives tens of percent).", minimum=0.0)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,12 @@ class SubtractionResult:
     ----------
     difference : Exposure
         The difference image (decorrelated unless disabled), in the science
-        image's flux units, with the PSF of the unconvolved image (science for
-        ``convolveTemplate``, template for ``convolveScience``). For the score
-        variant: the preconvolved difference ``science ⊗ P̄ − template ⊗ K``.
+        image's flux units. Its PSF is that of the unconvolved image (science
+        for ``convolveTemplate``, template for ``convolveScience``), convolved
+        with the decorrelation filter when the filter changes PSF fluxes by more
+        than ``DecorrelationConfig.psf_bias_tolerance`` (``metadata
+        ["difference_psf"]`` says which). For the score variant: the
+        preconvolved difference ``science ⊗ P̄ − template ⊗ K``.
     matched_image : Exposure
         The convolved input after matching: the matched template
         (``convolveTemplate``, score variant) or the matched science image
