@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "alard-lupton-score, zogy)")
     run.add_argument("--manifest", required=True, help="visit manifest (YAML or CSV)")
     run.add_argument("--templates", required=True, help="template coadd store")
-    run.add_argument("--out", required=True, help="output directory (a local or mounted path)")
+    run.add_argument("--out", required=True,
+                     help="output directory, or an fsspec URL such as s3://bucket/run (each output "
+                          "object is uploaded whole with one put; s3:// needs the [s3] extra)")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--scheduler", help="address of a running Dask scheduler (default: "
                                            "$DASK_SCHEDULER_ADDRESS if set, else a local cluster)")

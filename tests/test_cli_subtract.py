@@ -35,7 +35,8 @@ def test_subtract_warps_a_template_on_another_wcs(tmp_path, capsys):
     template = store.open(band, tract, patch).compute()
     write_exposure_fits(science, tmp_path / "science.fits")
     write_exposure_fits(template, tmp_path / "template.fits")
-    assert main(["subtract", str(tmp_path / "science.fits"), str(tmp_path / "template.fits"),
+    # Inputs may be fsspec URLs as well as paths.
+    assert main(["subtract", f"file://{tmp_path}/science.fits", str(tmp_path / "template.fits"),
                  "--method", "alard-lupton-score", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "template warped" in printed

@@ -144,17 +144,21 @@ def run_subtract_command(args) -> int:
     """Implementation of ``diffim-dask subtract``."""
     import pyarrow.parquet as pq
 
-    from ..io import atomic_output_path, read_exposure, write_exposure_fits
+    from ..io import atomic_output_path, read_exposure, read_psf_fits, write_exposure_fits
     from ..masks import mask_value
     from ..subtract._stats import robust_sigma
     from .pipeline import load_pipeline
+    from .run import read_fits_input
 
     pipeline = load_pipeline(args.config) if args.config else load_pipeline({})
     if args.method:
         pipeline = pipeline.replace(method=args.method, name=args.method)
     start = time.perf_counter()
-    science = read_exposure(args.science, psf=args.science_psf)
-    template = read_exposure(args.template, psf=args.template_psf)
+    # Inputs may be local paths or fsspec URLs (copied to a private temporary file first).
+    science_psf = read_fits_input(args.science_psf, read_psf_fits) if args.science_psf else None
+    template_psf = read_fits_input(args.template_psf, read_psf_fits) if args.template_psf else None
+    science = read_fits_input(args.science, lambda path: read_exposure(path, psf=science_psf))
+    template = read_fits_input(args.template, lambda path: read_exposure(path, psf=template_psf))
     subtraction, detection, how = subtract_pair(science, template, pipeline)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

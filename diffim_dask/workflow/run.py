@@ -16,8 +16,18 @@ errors are classified (:mod:`diffim_dask.errors`):
   (``execution.retries`` times); a lost worker is handled by the scheduler,
   which recomputes the lost tasks.
 
-Outputs under ``out`` (every file written atomically under a name that depends
-only on the unit, so retried or repeated tasks never duplicate rows)::
+Inside a task, any Dask computation of the stage (lazy Zarr reads, chunked
+filters, Zarr writes) runs on the synchronous scheduler in the task's own
+thread, and the FFT thread count is one per task when the task runs on a
+Dask worker (:func:`task_pipeline`): the cluster's parallelism is its worker
+threads. Without this a worker would ship every nested computation, pixels
+included, back through the scheduler ("Sending large graph" warnings) and a
+single-threaded worker would use every core of its machine.
+
+Outputs under ``out`` -- a local directory or any fsspec URL
+(:class:`~diffim_dask.workflow.outputs.OutputTree`; every file is published
+atomically under a name that depends only on the unit, so retried or repeated
+tasks never duplicate rows)::
 
     diaSources/visit=V/detector=D.parquet   DIA sources (Hive-partitioned by visit)
     difference.zarr, score.zarr             difference (and score) images
@@ -27,8 +37,8 @@ only on the unit, so retried or repeated tasks never duplicate rows)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -41,12 +51,14 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigurationError, DiffimError, TransientIOError, classify_error
-from .catalog import catalog_part_path, write_catalog_part
-from .manifest import ManifestEntry
+from .catalog import catalog_part_name, write_catalog_part
+from .manifest import ManifestEntry, is_url
+from .outputs import OutputTree
 from .pipeline import PipelineConfig
 
 __all__ = ["UnitFailure", "build_unit_graph", "pipeline_node", "run_survey", "unit_record_path", "load_unit_record",
-           "RunResult"]
+           "unit_record_name", "RunResult", "task_pipeline", "in_task_scheduler", "subtract_exposures",
+           "read_fits_input"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +87,8 @@ def _stage(name: str):
                     return value
             start = time.perf_counter()
             try:
-                result = func(*args, **kwargs)
+                with in_task_scheduler():
+                    result = func(*args, **kwargs)
             except TransientIOError:
                 raise  # the only kind Dask retries
             except DiffimError as exc:
@@ -94,9 +107,95 @@ def _stage(name: str):
     return decorate
 
 
+def _on_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def in_task_scheduler():
+    """Run the Dask computations made inside a stage in this thread.
+
+    On a distributed worker the default scheduler is the cluster itself: a
+    stage's nested ``compute`` (lazy Zarr reads, chunked filters, Zarr writes)
+    would send its graph -- numpy planes embedded -- to the scheduler, secede
+    from the worker's thread pool and fan its chunks out over the cluster,
+    moving pixels between workers. A unit is the unit of parallelism here, so
+    its inner work stays in its own thread.
+    """
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def task_pipeline(pipeline: PipelineConfig) -> PipelineConfig:
+    """The pipeline as one task should run it: one FFT thread per task on a Dask worker.
+
+    Automatic FFT threading (``alard_lupton.fft_workers = 0``, ``zogy.workers
+    = 0``) uses every core of the machine for numpy inputs, which is right for a
+    single process but oversubscribes a worker whose threads already run one
+    unit each. Explicit settings are kept. (BLAS and OpenMP pools are limited
+    by the worker's environment: the Dask nanny starts every worker process
+    with ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS``
+    set to 1, its ``distributed.nanny.pre-spawn-environ`` default.)
+    """
+    if not _on_dask_worker():
+        return pipeline
+    changes: dict[str, Any] = {}
+    if pipeline.alard_lupton.fft_workers == 0:
+        changes["alard_lupton"] = pipeline.alard_lupton.replace(fft_workers=1)
+    if pipeline.zogy and int(pipeline.zogy.get("workers", 0) or 0) == 0:
+        changes["zogy"] = {**pipeline.zogy, "workers": 1}
+    return pipeline.replace(**changes) if changes else pipeline
+
+
 # --------------------------------------------------------------------------------------------
 # Stages (they run on workers; each returns a dict so later stages can add to it)
 # --------------------------------------------------------------------------------------------
+
+
+def _read_remote_fits(url: str, reader):
+    """Read a FITS file given by an fsspec URL: copy it to a local temporary file, then read.
+
+    The FITS readers need a seekable local file; the copy lives in a private
+    temporary directory removed afterwards. A missing object is bad input (not
+    retried); other I/O errors are transient (retried by Dask).
+    """
+    import tempfile
+
+    import fsspec
+
+    from ..io import MissingInputError
+
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "input.fits"
+    with tempfile.TemporaryDirectory(prefix="diffim-dask-input-") as staging:
+        local = os.path.join(staging, name)
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            fs.get_file(path, local)
+        except FileNotFoundError:
+            raise MissingInputError(f"{url}: no such file") from None
+        except (ImportError, ValueError) as exc:
+            raise ConfigurationError(f"{url}: cannot open this URL ({exc})") from None
+        except OSError as exc:
+            raise TransientIOError(f"{url}: download failed ({type(exc).__name__}: {exc})") from exc
+        try:
+            return reader(local)
+        except DiffimError as exc:
+            # Name the URL the user gave, not the temporary copy.
+            exc.args = tuple(a.replace(local, url) if isinstance(a, str) else a for a in exc.args)
+            raise
+
+
+def read_fits_input(path: str, reader):
+    """``reader(path)`` for a local path; for an fsspec URL, ``reader`` on a local temporary copy."""
+    return _read_remote_fits(path, reader) if is_url(path) else reader(path)
 
 
 @_stage("load")
@@ -106,9 +205,9 @@ def _load_science(entry: ManifestEntry, pipeline: PipelineConfig) -> dict[str, A
     if entry.is_store:
         science = ExposureStore(entry.path).open(entry.visit, entry.detector).compute()
     else:
-        science = read_exposure(entry.path)
+        science = read_fits_input(entry.path, read_exposure)
     if entry.psf:
-        science = science.replace(psf=read_psf_fits(entry.psf))
+        science = science.replace(psf=read_fits_input(entry.psf, read_psf_fits))
     # Units are keyed by the manifest, whatever the header said.
     science = science.replace(info=science.info.replace(visit=entry.visit, detector=entry.detector))
     if science.psf is None:
@@ -134,7 +233,7 @@ def _assemble_template(state: dict[str, Any], templates: str, pipeline: Pipeline
 
 @_stage("subtract")
 def _subtract(state: dict[str, Any], pipeline: PipelineConfig) -> dict[str, Any]:
-    result = subtract_exposures(state["science"], state["template"], pipeline)
+    result = subtract_exposures(state["science"], state["template"], task_pipeline(pipeline))
     return {"science": state["science"], "subtraction": result, "timings": state.get("timings", {}),
             "injection": state.get("injection")}
 
@@ -166,29 +265,14 @@ def subtract_exposures(science, template, pipeline: PipelineConfig):
     return subtract_zogy(science, template, pipeline.stage_config("zogy"))
 
 
-def unit_record_path(out: Path, visit: int, detector: int) -> Path:
-    """Where a unit's summary record is written (its completion marker)."""
-    return Path(out) / "units" / f"visit={int(visit)}" / f"detector={int(detector)}.json"
+def unit_record_name(visit: int, detector: int) -> str:
+    """Name of a unit's summary record relative to the output root."""
+    return f"units/visit={int(visit)}/detector={int(detector)}.json"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    from ..io import atomic_output_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output_path(path, overwrite=True) as temporary:
-        Path(temporary).write_text(json.dumps(data, indent=1, default=_json_default))
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+def unit_record_path(out: str | os.PathLike, visit: int, detector: int) -> Path:
+    """Where a unit's summary record is written (its completion marker) in a local directory."""
+    return Path(out) / unit_record_name(visit, detector)
 
 
 def _scalar_metrics(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +289,7 @@ def _scalar_metrics(metadata: dict[str, Any]) -> dict[str, Any]:
 def _finish_unit(result: dict[str, Any] | UnitFailure, entry: ManifestEntry, pipeline: PipelineConfig,
                  out: str) -> dict[str, Any]:
     """Write a unit's outputs (catalog part, images) and its record; runs on a worker."""
+    tree = OutputTree(out)
     record: dict[str, Any] = {"visit": entry.visit, "detector": entry.detector,
                               "science": entry.path}
     if isinstance(result, UnitFailure):
@@ -214,33 +299,50 @@ def _finish_unit(result: dict[str, Any] | UnitFailure, entry: ManifestEntry, pip
             record["traceback"] = result.metadata["traceback"]
     else:
         try:
-            record.update(_write_unit_outputs(result, entry, pipeline, Path(out)))
+            with in_task_scheduler():
+                record.update(_write_unit_outputs(result, entry, pipeline, tree))
         except TransientIOError:
             raise
+        except (DiffimError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+            record.update(status="failed", stage="write", category=classify_error(exc),
+                          reason=f"{type(exc).__name__}: {exc}")
+        except OSError as exc:  # the output store is unreachable or failed a request: retry the task
+            raise TransientIOError(f"writing the outputs of visit {entry.visit} detector {entry.detector} "
+                                   f"to {tree.location} failed ({type(exc).__name__}: {exc})") from exc
         except Exception as exc:  # a write that fails for good is recorded, like a stage failure
             record.update(status="failed", stage="write", category=classify_error(exc),
                           reason=f"{type(exc).__name__}: {exc}")
-    _write_json_atomic(unit_record_path(Path(out), entry.visit, entry.detector), record)
+    tree.write_json(unit_record_name(entry.visit, entry.detector), record)
     return record
 
 
-def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: PipelineConfig,
-                        out: Path) -> dict[str, Any]:
-    from ..io import ExposureStore
+def _write_injection_truth(injection, tree: OutputTree, visit: int, detector: int) -> None:
+    from ..qa import write_injection_truth
 
+    if tree.is_local:
+        write_injection_truth(injection, tree.local_path(), visit, detector)
+        return
+    import tempfile
+
+    # The QA writer writes files; stage its file locally, then upload it with one put.
+    with tempfile.TemporaryDirectory(prefix="diffim-dask-stage-") as staging:
+        written = write_injection_truth(injection, staging, visit, detector)
+        tree.upload_file(written, Path(written).relative_to(staging).as_posix())
+
+
+def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: PipelineConfig,
+                        tree: OutputTree) -> dict[str, Any]:
     start = time.perf_counter()
     detection, subtraction = result["detection"], result["subtraction"]
     chunk = pipeline.execution.chunk_size
     if pipeline.execution.write_difference:
-        ExposureStore(out / "difference.zarr", chunk_size=chunk).write(detection.difference, overwrite=True)
+        tree.write_exposure("difference.zarr", detection.difference, chunk_size=chunk)
     if pipeline.execution.write_score and detection.score is not None:
-        ExposureStore(out / "score.zarr", chunk_size=chunk).write(detection.score, overwrite=True)
-    write_catalog_part(detection.catalog, out, entry.visit, entry.detector)
+        tree.write_exposure("score.zarr", detection.score, chunk_size=chunk)
+    write_catalog_part(detection.catalog, tree, entry.visit, entry.detector)
     extra: dict[str, Any] = {}
     if result.get("injection") is not None:
-        from ..qa import write_injection_truth
-
-        write_injection_truth(result["injection"], out, entry.visit, entry.detector)
+        _write_injection_truth(result["injection"], tree, entry.visit, entry.detector)
         extra["n_injected"] = int(len(result["injection"].truth))
     if hasattr(subtraction.kernel, "kernel_sum"):
         from ..qa.report import kernel_sum_grid
@@ -261,7 +363,7 @@ def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: 
         "timings": timings,
         "subtraction": _scalar_metrics(subtraction.metadata),
         "detection": _scalar_metrics(detection.metadata),
-        "catalog_part": str(catalog_part_path(out, entry.visit, entry.detector).relative_to(out)),
+        "catalog_part": catalog_part_name(entry.visit, entry.detector),
         **extra,
     }
 
@@ -299,16 +401,16 @@ def build_unit_graph(entry: ManifestEntry, pipeline, templates: str, out: str):
     return dask.delayed(_finish_unit)(detect, unit, pipeline, out, dask_key_name=f"write-{tag}")
 
 
-def load_unit_record(out: Path, visit: int, detector: int) -> dict[str, Any] | None:
-    """A unit's record if it finished (done or skipped), else None."""
-    path = unit_record_path(out, visit, detector)
-    if not path.is_file():
+def load_unit_record(out, visit: int, detector: int) -> dict[str, Any] | None:
+    """A unit's record if it finished (done or skipped), else None.
+
+    ``out`` is the run's output directory, URL or :class:`OutputTree`.
+    """
+    tree = out if isinstance(out, OutputTree) else OutputTree(out)
+    record = tree.read_json(unit_record_name(visit, detector))
+    if not isinstance(record, dict):
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("status") == "done" and not catalog_part_path(out, visit, detector).is_file():
+    if record.get("status") == "done" and not tree.exists(catalog_part_name(visit, detector)):
         return None
     return record if record.get("status") in ("done", "skipped") else None
 
@@ -319,7 +421,7 @@ class RunResult:
 
     records: list[dict[str, Any]]
     wall_s: float
-    out: Path
+    out: Path | str  # local directory, or the URL of an object-store location
 
     @property
     def counts(self) -> dict[str, int]:
@@ -335,8 +437,16 @@ class RunResult:
 
 
 def _input_fingerprint(path: str) -> dict[str, Any]:
-    if "://" in path:
-        return {"path": path}
+    if is_url(path):
+        try:
+            import fsspec
+
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            info = fs.info(fs_path)
+        except Exception:  # unreachable, or no backend installed here: the URL alone
+            return {"path": path}
+        keys = ("size", "ETag", "etag", "LastModified", "mtime", "created", "md5Hash", "generation")
+        return {"path": path, **{k: info[k] for k in keys if info.get(k) is not None}}
     try:
         stat = os.stat(path)
     except OSError:
@@ -377,11 +487,15 @@ def run_survey(pipeline: PipelineConfig, entries: list[ManifestEntry], templates
         The science exposures.
     templates : str
         The template coadd store.
-    out : path
-        Output directory.
-    client : distributed.Client, optional
-        Compute on this client's cluster (retries as configured); without one
-        the graph runs on the synchronous scheduler in this process.
+    out : path or str
+        Output directory, or an fsspec URL (``s3://bucket/run``; objects are
+        published with one PUT each, see :mod:`diffim_dask.workflow.outputs`).
+    client : distributed.Client, None or False
+        Compute on this client's cluster (retries as configured). ``None``
+        (default): the current client (the one most recently created in this
+        process) if there is one, else the synchronous scheduler in this
+        process. ``False``: always the synchronous scheduler in this process.
+        Library code never creates a cluster.
     resume : bool
         Skip units whose record says done (with their catalog part) or skipped.
     progress : callable, optional
@@ -391,34 +505,32 @@ def run_survey(pipeline: PipelineConfig, entries: list[ManifestEntry], templates
     -------
     RunResult
     """
-    if "://" in str(out):
-        # Atomic parts rely on POSIX rename, which object stores do not offer.
-        raise ConfigurationError(
-            f"--out {out}: writing outputs to an object store is not supported yet; write to a local "
-            f"or mounted volume (inputs and templates may be fsspec URLs)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    tree = OutputTree(out)
+    tree.makedirs()
+    out = tree.local_path() if tree.is_local else tree.location
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     todo = []
     for entry in entries:
-        previous = load_unit_record(out, entry.visit, entry.detector) if resume else None
+        previous = load_unit_record(tree, entry.visit, entry.detector) if resume else None
         if previous is not None:
             records.append({**previous, "resumed": True})
         else:
             todo.append(entry)
-    _write_json_atomic(out / "provenance.json", _provenance(pipeline, entries, templates, manifest_path))
+    tree.write_json("provenance.json", _provenance(pipeline, entries, templates, manifest_path))
     shared = pipeline_node(pipeline)
-    graphs = [build_unit_graph(e, shared, str(templates), str(out)) for e in todo]
+    graphs = [build_unit_graph(e, shared, str(templates), tree.location) for e in todo]
     total = len(entries)
     for record in records:
         if progress:
             progress(len(records), total, record)
     if client is None:
+        client = _current_client()
+    if not client:
         import dask
 
         for entry, graph in zip(todo, graphs):
-            records.append(_collect(lambda g=graph: dask.compute(g, scheduler="synchronous")[0], entry, out))
+            records.append(_collect(lambda g=graph: dask.compute(g, scheduler="synchronous")[0], entry, tree))
             if progress:
                 progress(len(records), total, records[-1])
     else:
@@ -427,17 +539,27 @@ def run_survey(pipeline: PipelineConfig, entries: list[ManifestEntry], templates
         futures = client.compute(graphs, retries=pipeline.execution.retries)
         by_key = {f.key: e for f, e in zip(futures, todo)}
         for future in as_completed(futures):
-            records.append(_collect(future.result, by_key[future.key], out))
+            records.append(_collect(future.result, by_key[future.key], tree))
             if progress:
                 progress(len(records), total, records[-1])
     records.sort(key=lambda r: (r["visit"], r["detector"]))
     result = RunResult(records, time.perf_counter() - start, out)
-    _write_json_atomic(out / "run_summary.json", {"counts": result.counts, "wall_s": round(result.wall_s, 3),
-                                                  "units": records})
+    tree.write_json("run_summary.json", {"counts": result.counts, "wall_s": round(result.wall_s, 3),
+                                         "units": records})
     return result
 
 
-def _collect(get, entry: ManifestEntry, out: Path) -> dict[str, Any]:
+def _current_client():
+    """The process's current ``distributed.Client``, or False when there is none."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return False
+
+
+def _collect(get, entry: ManifestEntry, tree: OutputTree) -> dict[str, Any]:
     """Fetch a unit's record; an error escaping the graph (retries exhausted) is recorded."""
     try:
         return get()
@@ -445,6 +567,6 @@ def _collect(get, entry: ManifestEntry, out: Path) -> dict[str, Any]:
         record = {"visit": entry.visit, "detector": entry.detector, "science": entry.path,
                   "status": "failed", "stage": "scheduler", "category": classify_error(exc),
                   "reason": f"{type(exc).__name__}: {exc}"}
-        _write_json_atomic(unit_record_path(out, entry.visit, entry.detector), record)
+        tree.write_json(unit_record_name(entry.visit, entry.detector), record)
         return record
 

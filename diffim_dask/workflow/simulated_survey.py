@@ -10,7 +10,9 @@ Output layout under ``out``::
     summary.json              per-image timings and counts
 
 Every image is one task: the worker simulates it and writes it, so the client
-never holds pixels. Writes are atomic (the store and the FITS writer publish
+never holds pixels. The Zarr write inside a task runs on the synchronous
+scheduler (:func:`~diffim_dask.workflow.run.in_task_scheduler`), so a worker
+never sends the pixels back through the scheduler as a graph. Writes are atomic (the store and the FITS writer publish
 complete files only), so a rerun after a crash rewrites only what is missing.
 """
 
@@ -45,11 +47,14 @@ def _science_task(config_dict: dict[str, Any], visit: int, detector: int, out: s
     from ..io import ExposureStore
     from ..simulate import Survey, SurveyConfig
 
+    from .run import in_task_scheduler
+
     start = time.perf_counter()
     survey = Survey(SurveyConfig.from_dict(config_dict))
     image = survey.simulate_visit(visit, detector)
     simulated = time.perf_counter()
-    ExposureStore(Path(out) / "science.zarr").write(image.exposure, overwrite=True)
+    with in_task_scheduler():
+        ExposureStore(Path(out) / "science.zarr").write(image.exposure, overwrite=True)
     _write_parquet_atomic(image.truth, Path(out) / "truth" / f"visit={visit}" / f"detector={detector}.parquet")
     kinds = image.truth["kind"].value_counts().to_dict()
     return {
@@ -74,6 +79,7 @@ def _template_task(config_dict: dict[str, Any], tract: int, patch: int, out: str
     """Simulate one template coadd patch and write it to the coadd store; runs on a worker."""
     from ..simulate import Survey, SurveyConfig
     from ..template import CoaddStore
+    from .run import in_task_scheduler
 
     start = time.perf_counter()
     config = SurveyConfig.from_dict(config_dict)
@@ -82,7 +88,8 @@ def _template_task(config_dict: dict[str, Any], tract: int, patch: int, out: str
     info = store.skymap.tract(tract).patch(patch)
     image = survey.simulate_template(info.wcs, info.shape, info.origin, noise_key=tract * 100_000 + patch)
     simulated = time.perf_counter()
-    store.write(image.exposure, config.band, tract, patch, overwrite=True)
+    with in_task_scheduler():
+        store.write(image.exposure, config.band, tract, patch, overwrite=True)
     truth = image.truth.assign(tract=tract, patch=patch)
     return {
         "kind": "template", "tract": tract, "patch": patch, "shape": list(image.exposure.shape),

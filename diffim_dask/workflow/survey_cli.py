@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigurationError
 from .manifest import load_manifest
 from .pipeline import load_pipeline
 from .run import RunResult, run_survey
@@ -69,6 +71,10 @@ def print_run_summary(result: RunResult) -> None:
 
 def run_run_command(args) -> int:
     """Implementation of ``diffim-dask run``."""
+    if str(args.out).startswith("memory://"):
+        # Each Dask worker process has its own memory:// file system: the outputs would be lost.
+        raise ConfigurationError(f"--out {args.out}: a memory:// location lives inside one process; give a "
+                                 f"directory or a shared store URL (s3://, gs://, file://)")
     pipeline = load_pipeline(args.pipeline)
     if args.inject is not None:
         pipeline = pipeline.replace(injection=pipeline.injection.replace(n_sources=args.inject))
@@ -80,7 +86,10 @@ def run_run_command(args) -> int:
                             resume=args.resume, progress=progress_printer(),
                             manifest_path=str(args.manifest))
     print_run_summary(result)
-    if pipeline.injection.n_sources:
+    if pipeline.injection.n_sources and not isinstance(result.out, Path):
+        print(f"\nThe completeness report reads a local run directory; copy {result.out} locally and "
+              f"run `diffim-dask report` on it.")
+    elif pipeline.injection.n_sources:
         from ..qa.report import evaluate_run_truth, load_run
 
         summary, what = evaluate_run_truth(load_run(args.out))
