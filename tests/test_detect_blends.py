@@ -175,3 +175,29 @@ def test_build_sources_links_dipole_lobes_and_frees_a_neighbour():
     mine = found.pixel_source == neighbour
     assert mine.any() and found.pixel_x[mine].min() > 45
     assert not (found.pixel_source == dipole)[found.pixel_x > 52].any()
+
+
+def test_unconfirmed_dipole_is_measured_at_its_dominant_lobe():
+    """A transient with a weak unrelated negative residual 1.5 FWHM away, one footprint.
+
+    The dipole fit does not confirm a dipole (one lobe holds ~85% of the flux): the
+    source is the positive transient, centred on it and with its PSF flux (before the
+    fix it stayed at the lobes' midpoint, ~2.2 px off, with ~2600 of the 6000 counts).
+    """
+    psf = GaussianPsf(3.0)
+    rng = np.random.default_rng(5)
+    for seed in range(4):
+        x, y = 40 + rng.uniform(-0.5, 0.5), 40 + rng.uniform(-0.5, 0.5)
+        angle = rng.uniform(0, 2 * np.pi)
+        x_neg, y_neg = x + 4.5 * np.cos(angle), y + 4.5 * np.sin(angle)
+        scene = make_triplet((80, 80), psf, [(x, y, 0.0, 6000.0, 0, 0),
+                                             (x_neg, y_neg, 1500.0, 1000.0, 0, 0)], seed=seed)
+        result = detect_and_measure(scene.difference, science=scene.science,
+                                    matched_template=scene.template)
+        catalog = result.catalog[~result.catalog["isSky"]]
+        assert len(catalog) == 1
+        source = catalog.iloc[0]
+        assert bool(source["dipoleFitAttempted"]) and not bool(source["isDipole"])
+        assert not bool(source["isNegative"])
+        assert math.hypot(source["x"] - x, source["y"] - y) < 0.2
+        assert source["psfFlux"] == pytest.approx(6000.0, rel=0.05)

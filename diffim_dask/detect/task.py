@@ -3,10 +3,15 @@
 :func:`detect_and_measure` runs, in order (anchor ``DetectAndMeasureTask``, §8.2):
 
 1. clear DETECTED, DETECTED_NEGATIVE and STREAK; flag non-finite pixels NO_DATA;
-   set EDGE where the matched filter runs off the image;
+   pixels the subtraction flagged EDGE (its invalid border band, where its
+   filters ring) are zeroed like NO_DATA and get zero significance; then set
+   EDGE where the matched filter runs off the image (a flag only);
 2. background: a bin-8 background, a 5σ detection (both signs) with it
    subtracted, then a bin-40 background ignoring those detections, subtracted
-   from the difference (and from the score image in the score variant);
+   from the difference. With a score image both passes run on the score
+   itself (its noise is the score's unit variance, whatever the correlations
+   of the difference's noise), and the score's own bin-40 background is
+   subtracted from it;
 3. detection: matched-filter significance ``ν = (D ⋆ K) / sqrt(V ⋆ K²)``
    (or ``score / sqrt(V_score)`` with no smoothing for a score image),
    thresholds at ±``threshold``, footprints grown, positive and negative
@@ -17,7 +22,9 @@
 6. sky sources on empty sky;
 7. measurement of every source on the difference (:mod:`.measure`):
    centroid, PSF flux, aperture flux, adaptive moments, extendedness; dipole
-   fits of merged two-sign footprints (:mod:`.dipole`); trail fits of
+   fits of merged two-sign footprints (:mod:`.dipole`; those not confirmed
+   as dipoles become single-sign sources at their more significant lobe,
+   re-centroided and measured there); trail fits of
    significantly elongated sources (:mod:`.trail`; the rules are those of
    :class:`~diffim_dask.detect.config.TrailConfig`); forced PSF photometry on
    the science image and the matched template (only the stamps' pixels of
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -123,7 +131,8 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
         (their ratio, ≈ 1 when the variance plane is right), ``sky_snr_std``
         (scatter of psfFlux / psfFluxErr, also ≈ 1 when the noise varies),
         ``n_streaks``, ``n_pixels_detected_positive`` / ``_negative``,
-        ``<PLANE>_mask_fraction``, background statistics, ``flux_unit`` and
+        ``<PLANE>_mask_fraction``, background statistics (``score_background_rms``:
+        of the score's own background, 0 without a score), ``flux_unit`` and
         ``timing`` (seconds per step).
 
     Raises
@@ -147,12 +156,12 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
 
     workers = config.workers or _available_cores()
     planes, kernel = _prepare(difference, config)
+    score_planes = _score_planes(score, planes) if score is not None else None
     timer.lap("prepare")
-    background, raw, noise = _subtract_background(planes, kernel, config, score is not None,
-                                                  workers)
+    background, raw, noise = _subtract_background(planes, kernel, config, score_planes, workers)
     timer.lap("background")
-    filtered, nu, score_planes = _detection_image(planes, kernel, background, raw, noise, score,
-                                                  config)
+    filtered, nu = _detection_image(planes, kernel, background, raw, noise, score_planes,
+                                    config)
     del raw, noise
     found = _detect(planes, nu, config)
     timer.lap("detection")
@@ -173,6 +182,7 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
     joint = _fit_centroids(planes, src, stamps, config, columns)
     timer.lap("centroids")
     n_dipole_fits = _fit_dipoles(planes, src, config, science, matched_template, columns)
+    _resolve_unconfirmed_dipoles(planes, src, stamps, config, columns)
     timer.lap("dipoles")
     _photometry(planes, src, stamps, joint, config, columns)
     timer.lap("photometry")
@@ -194,6 +204,9 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
                          score is not None, "nJy" if difference.photo_calib else "count",
                          dropped, n_removed, int((~keep).sum()), n_dipole_fits, n_trail_fits)
     timer.lap("metadata")
+    metadata["score_background_rms"] = (
+        score_planes.background.rms if score_planes is not None
+        and score_planes.background is not None else 0.0)
     metadata["timing"] = dict(timer.times)
     metadata["timing"]["total"] = round(sum(timer.times.values()), 4)
 
@@ -206,10 +219,9 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
                                             mask=planes.mask)
     score_exposure = None
     if score is not None:
-        s_image, s_mask = score_planes
         detection_bits = np.uint32(mask_value(_DETECTION_PLANES))
-        s_mask = (s_mask & ~detection_bits) | (planes.mask & detection_bits)
-        score_exposure = score.with_planes(image=s_image, mask=s_mask)
+        s_mask = (score_planes.mask & ~detection_bits) | (planes.mask & detection_bits)
+        score_exposure = score.with_planes(image=score_planes.image, mask=s_mask)
     return DetectionResult(catalog=catalog, difference=out_difference, background=background,
                            score=score_exposure, footprints=footprints, streaks=streaks,
                            metadata=metadata)
@@ -228,12 +240,14 @@ class _Planes:
     variance: np.ndarray
     mask: np.ndarray
     nodata: np.ndarray
-    excluded: np.ndarray            # zeroed before filtering (NO_DATA + exclude_planes)
+    excluded: np.ndarray            # zeroed before filtering (NO_DATA, input EDGE, exclude_planes)
     psf: PsfModel
     origin: tuple[int, int]
     fwhm: float
     grow_radius: int
     half: int                       # PSF-fit stamp half-width
+    has_exclusions: bool = False    # any excluded pixel that is not NO_DATA
+    band: np.ndarray | None = None  # the subtraction's invalid border band (input EDGE)
     unusable: np.ndarray | None = None   # zero weight in fits (set before measurement)
 
     @property
@@ -446,9 +460,9 @@ def _set_border(mask: np.ndarray, width: int, plane: str) -> None:
     mask[:, -width:] |= bit
 
 
-def _zeroed(array, planes: _Planes, exclude_planes):
+def _zeroed(array, planes: _Planes):
     """``array`` with excluded pixels zeroed (NO_DATA pixels are zero already)."""
-    return np.where(planes.excluded, np.float32(0), array) if exclude_planes else array
+    return np.where(planes.excluded, np.float32(0), array) if planes.has_exclusions else array
 
 
 def _ratio(numerator, denominator):
@@ -473,16 +487,49 @@ def _prepare(difference: Exposure, config: DetectAndMeasureConfig):
                                    width_sigma=det_cfg.kernel_width_sigma,
                                    max_rank=det_cfg.smoothing_max_rank,
                                    tolerance=det_cfg.smoothing_tolerance)
+    # EDGE set by the subtraction marks its invalid border band (convolution, decorrelation or
+    # score filters running off the image): those pixels ring, so they are zeroed before the
+    # matched filter (which would otherwise spread the ringing inwards) and never thresholded.
+    # The detection's own EDGE border, set next, is only a flag: its pixels are valid.
+    band = plane_set(mask, "EDGE")
+    excluded = nodata | band | plane_set(mask, det_cfg.exclude_planes)
     if det_cfg.mask_edge:
         _set_border(mask, kernel.half_width, "EDGE")
-    excluded = (nodata | plane_set(mask, det_cfg.exclude_planes)) if det_cfg.exclude_planes \
-        else nodata
     planes = _Planes(
         image=image, variance=variance, mask=mask, nodata=nodata, excluded=excluded, psf=psf,
         origin=difference.origin, fwhm=fwhm,
         grow_radius=int(det_cfg.grow_sigma * fwhm / FWHM_PER_SIGMA + 0.5),
-        half=max(3, int(math.ceil(config.measurement.psf_fit_radius_fwhm * fwhm))))
+        half=max(3, int(math.ceil(config.measurement.psf_fit_radius_fwhm * fwhm))),
+        has_exclusions=bool((excluded & ~nodata).any()),
+        band=band if band.any() else None)
     return planes, kernel
+
+
+@dataclasses.dataclass
+class _ScorePlanes:
+    """The score image being processed: planes, invalid pixels, its own background."""
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    invalid: np.ndarray
+    background: object = None
+
+
+def _score_planes(score: Exposure, planes: _Planes) -> _ScorePlanes:
+    """Sanitised score planes; pixels without a valid score get zero image and variance.
+
+    A score pixel is invalid where it is NO_DATA or EDGE (the subtraction's filters ran off
+    the image) or where the difference pixel is excluded. The score's EDGE band is also
+    flagged on the difference, so sources centred there are dropped.
+    """
+    s_image, s_variance, s_mask = _arrays(score)
+    s_nodata = _sanitize(s_image, s_variance, s_mask)
+    invalid = s_nodata | planes.excluded | plane_set(s_mask, "EDGE")
+    s_image[invalid] = 0.0
+    s_variance[invalid] = 0.0
+    planes.mask |= s_mask & np.uint32(mask_value("EDGE"))
+    return _ScorePlanes(image=s_image, variance=s_variance, mask=s_mask, invalid=invalid)
 
 
 def _polarities(config: DetectAndMeasureConfig) -> tuple[int, ...]:
@@ -490,44 +537,59 @@ def _polarities(config: DetectAndMeasureConfig) -> tuple[int, ...]:
 
 
 def _subtract_background(planes: _Planes, kernel: SmoothingKernel,
-                         config: DetectAndMeasureConfig, has_score: bool, workers: int):
+                         config: DetectAndMeasureConfig, score: _ScorePlanes | None,
+                         workers: int):
     """Two-pass background; returns it, ``D ⋆ K`` of the input and ``sqrt(V ⋆ K²)``.
 
     The two correlations and the first-pass background are independent: with
     two or more ``workers`` they run at once (the libraries release the GIL).
+    With a score image the passes run on the score instead (see
+    :func:`_subtract_score_background`) and no correlation is needed.
     """
-    det_cfg, bg_cfg = config.detection, config.background
+    bg_cfg = config.background
+    if score is not None:
+        if not bg_cfg.enabled:
+            return None, None, None
+        return _subtract_score_background(planes, score, config, workers), None, None
 
     def noise_image():
-        noise = correlate_separable(_zeroed(planes.variance, planes, det_cfg.exclude_planes),
-                                    kernel.squared_terms)
+        noise = correlate_separable(_zeroed(planes.variance, planes), kernel.squared_terms)
         np.clip(noise, 0.0, None, out=noise)
         return np.sqrt(noise, out=noise)
 
     def raw_image():
-        return correlate_separable(_zeroed(planes.image, planes, det_cfg.exclude_planes),
-                                   kernel.terms)
+        return correlate_separable(_zeroed(planes.image, planes), kernel.terms)
 
     def first_pass():
         # (D - B) ⋆ K = D ⋆ K - B ⋆ K, with B ⋆ K folded into the interpolation (cheap).
         # Where pixels are zeroed this misses B ⋆ K over them; this pass only masks sources.
-        first = estimate_background(planes.image, planes.variance, planes.mask,
-                                    bin_size=bg_cfg.initial_bin_size,
-                                    ignore_planes=bg_cfg.ignore_planes,
-                                    min_valid_fraction=bg_cfg.min_valid_fraction,
-                                    filter_size=bg_cfg.filter_size)
+        first = _background(planes.image, planes.variance, planes.mask, bg_cfg,
+                            bg_cfg.initial_bin_size)
         return first.filtered(kernel.terms)
 
-    jobs = [first_pass] if bg_cfg.enabled else []
-    if not has_score or bg_cfg.enabled:
-        jobs += [noise_image, raw_image]
+    jobs = ([first_pass] if bg_cfg.enabled else []) + [noise_image, raw_image]
     results = run_concurrently(jobs, workers)
-    raw = noise = None
-    if not has_score or bg_cfg.enabled:
-        noise, raw = results[-2:]
+    noise, raw = results[-2:]
     if not bg_cfg.enabled:
         return None, raw, noise
-    nu_first = _ratio(raw - results[0], noise)
+    temp_mask = _mask_first_pass(planes, _ratio(raw - results[0], noise), config)
+    background = _background(planes.image, planes.variance, temp_mask, bg_cfg,
+                             bg_cfg.final_bin_size, _DETECTION_PLANES, workers)
+    planes.image -= background.image
+    np.copyto(planes.image, 0.0, where=planes.nodata)
+    return background, raw, noise
+
+
+def _background(image, variance, mask, bg_cfg, bin_size, extra_planes=(), workers=1):
+    return estimate_background(image, variance, mask, bin_size=bin_size,
+                               ignore_planes=tuple(bg_cfg.ignore_planes) + tuple(extra_planes),
+                               min_valid_fraction=bg_cfg.min_valid_fraction,
+                               filter_size=bg_cfg.filter_size, workers=workers)
+
+
+def _mask_first_pass(planes: _Planes, nu_first, config) -> np.ndarray:
+    """A copy of the mask with the grown first-pass detections in DETECTED(_NEGATIVE)."""
+    det_cfg = config.detection
     temp_mask = planes.mask.copy()
     flat_mask = temp_mask.ravel()
     for sign, plane in zip((1, -1), _DETECTION_PLANES):
@@ -535,41 +597,69 @@ def _subtract_background(planes: _Planes, kernel: SmoothingKernel,
             above = threshold_pixels(nu_first, det_cfg.threshold, sign, det_cfg.min_pixels)
             flat_mask[grow_pixels(above, planes.shape, planes.grow_radius)] |= np.uint32(
                 mask_value(plane))
-    del nu_first
-    background = estimate_background(
-        planes.image, planes.variance, temp_mask, bin_size=bg_cfg.final_bin_size,
-        ignore_planes=tuple(bg_cfg.ignore_planes) + _DETECTION_PLANES,
-        min_valid_fraction=bg_cfg.min_valid_fraction, filter_size=bg_cfg.filter_size,
-        workers=workers)
+    return temp_mask
+
+
+def _subtract_score_background(planes: _Planes, score: _ScorePlanes, config,
+                               workers: int):
+    """Two-pass background of a score image, fitted on the score itself.
+
+    A score is the difference correlated with a matched (and decorrelating)
+    filter φ and divided by its noise: a smooth difference background ``B``
+    appears in it as ``(B ⋆ φ) / σ_score``. That is what a median background of
+    the score measures directly, with the score's own noise (unit variance,
+    correlated over the PSF): no noise model is involved. Converting ``B``
+    through the difference's per-pixel variance instead (``(B ⋆ K) / sqrt(V ⋆
+    K²)``) is wrong for a preconvolved difference or S_corr, whose noise is
+    already correlated: ``V ⋆ K²`` then underestimates the filtered noise
+    several-fold and the background's own noise is amplified into the score.
+
+    The first pass (score minus a bin-``initial_bin_size`` score background,
+    thresholded in units of the score's noise) masks sources for the final
+    passes; the final bin-``final_bin_size`` backgrounds of the difference (for
+    measurement) and of the score (for detection) ignore those pixels.
+    Returns the difference's background; the score's is kept in ``score``.
+    """
+    bg_cfg = config.background
+    s_mask = planes.mask | score.mask
+    first = _background(score.image, score.variance, s_mask, bg_cfg, bg_cfg.initial_bin_size,
+                        workers=workers)
+    s_sigma = np.sqrt(score.variance)
+    temp_mask = _mask_first_pass(planes, _ratio(score.image - first.image, s_sigma), config)
+    del first, s_sigma
+    s_mask |= temp_mask
+    background, score.background = run_concurrently([
+        functools.partial(_background, planes.image, planes.variance, temp_mask, bg_cfg,
+                          bg_cfg.final_bin_size, _DETECTION_PLANES),
+        functools.partial(_background, score.image, score.variance, s_mask, bg_cfg,
+                          bg_cfg.final_bin_size, _DETECTION_PLANES)], workers)
     planes.image -= background.image
     np.copyto(planes.image, 0.0, where=planes.nodata)
-    return background, raw, noise
+    score.image -= score.background.image
+    score.image[score.invalid] = 0.0
+    return background
 
 
-def _detection_image(planes: _Planes, kernel, background, raw, noise, score, config):
-    """The filtered image (for sub-pixel peaks), the significance ν and the score planes."""
-    if score is None:
-        if background is None:
-            filtered = raw
-        elif not planes.excluded.any():
-            # No zeroed pixel: (D - B) ⋆ K = D ⋆ K - B ⋆ K exactly, and B ⋆ K is cheap.
-            filtered = raw - background.filtered(kernel.terms)
-        else:
-            filtered = correlate_separable(
-                _zeroed(planes.image, planes, config.detection.exclude_planes), kernel.terms)
-        return filtered, _ratio(filtered, noise), None
-    s_image, s_variance, s_mask = _arrays(score)
-    s_nodata = _sanitize(s_image, s_variance, s_mask)
-    if background is not None:
-        # Score images are significances (unit-variance noise), not counts: the difference
-        # background B enters a matched-filter score as (B ⋆ K) / sqrt(V ⋆ K²), its
-        # contribution to the difference's own significance.
-        s_image -= _ratio(background.filtered(kernel.terms), noise)
-    s_image[s_nodata | planes.excluded] = 0.0
-    s_variance[s_nodata | planes.excluded] = 0.0
-    planes.mask |= s_mask & np.uint32(mask_value("EDGE"))
-    _, _, nu = significance(s_image, s_variance, None)
-    return s_image, nu, (s_image, s_mask)
+def _detection_image(planes: _Planes, kernel, background, raw, noise,
+                     score: _ScorePlanes | None, config):
+    """The filtered image (for sub-pixel peaks) and the significance ν.
+
+    ν is zero on the subtraction's invalid EDGE band, so nothing is detected there.
+    """
+    if score is not None:
+        _, _, nu = significance(score.image, score.variance, None)
+        return score.image, nu
+    if background is None:
+        filtered = raw
+    elif not planes.excluded.any():
+        # No zeroed pixel: (D - B) ⋆ K = D ⋆ K - B ⋆ K exactly, and B ⋆ K is cheap.
+        filtered = raw - background.filtered(kernel.terms)
+    else:
+        filtered = correlate_separable(_zeroed(planes.image, planes), kernel.terms)
+    nu = _ratio(filtered, noise)
+    if planes.band is not None:
+        nu[planes.band] = 0.0
+    return filtered, nu
 
 
 def _detect(planes: _Planes, nu: np.ndarray, config: DetectAndMeasureConfig):
@@ -596,7 +686,7 @@ def _mask_streaks(planes: _Planes, config: DetectAndMeasureConfig) -> list:
         return []
     streak_mask, streaks = find_streaks(
         planes.image, planes.variance,
-        ~planes.excluded if config.detection.exclude_planes else None, psf_fwhm=planes.fwhm,
+        ~planes.excluded if planes.has_exclusions else None, psf_fwhm=planes.fwhm,
         bin_factor=st.bin_factor, threshold=st.threshold, min_length=st.min_length,
         min_aspect=st.min_aspect, line_tolerance=st.line_tolerance, width_sigma=st.width_sigma,
         mask_full_line=st.mask_full_line, max_streaks=st.max_streaks)
@@ -663,7 +753,8 @@ def _fit_centroids(planes: _Planes, src: _Sources, stamps: PsfStamps, config, co
     Deblended siblings whose stamps overlap are fitted jointly (clusters of at
     most ``_MAX_JOINT``), which also gives their PSF fluxes; all other point
     sources are refined alone, in one batch. Dipole candidates keep the
-    midpoint of their lobes (the dipole fit refines it) and sky sources their
+    midpoint of their lobes (the dipole fit refines it; unconfirmed dipoles move to
+    their dominant lobe, :func:`_resolve_unconfirmed_dipoles`) and sky sources their
     placement.
     """
     meas_cfg = config.measurement
@@ -756,6 +847,31 @@ def _fit_dipoles(planes: _Planes, src: _Sources, config, science, matched_templa
             src.x[row], src.y[row] = fit.x + x0, fit.y + y0
             columns["xErr"][row], columns["yErr"][row] = fit.x_err, fit.y_err
     return n_fits
+
+
+def _resolve_unconfirmed_dipoles(planes: _Planes, src: _Sources, stamps: PsfStamps, config,
+                                 columns) -> None:
+    """Two-sign footprints not confirmed as dipoles become single-sign sources.
+
+    Their lobes are unrelated (a transient next to a residual of the other
+    sign) or one of them is noise, so the midpoint of the lobes describes
+    nothing: the source takes the sign of its more significant peak, its
+    centroid is refined from that lobe's position as a point source's, and the
+    PSF flux is then measured there. The dipole-fit columns keep the fit.
+    """
+    rows = np.flatnonzero((src.kind == 0) & ~columns["isDipole"])
+    if rows.size == 0:
+        return
+    sign = np.where(src.nu[rows] >= 0, 1, -1)
+    lobes = src.lobes[rows]
+    start_x = np.where(sign > 0, lobes[:, 0], lobes[:, 2])
+    start_y = np.where(sign > 0, lobes[:, 1], lobes[:, 3])
+    meas_cfg = config.measurement
+    (src.x[rows], src.y[rows], columns["xErr"][rows], columns["yErr"][rows],
+     columns["centroid_flag"][rows]) = refine_centroids(
+        planes.stamp_data, stamps, start_x, start_y, iterations=meas_cfg.centroid_iterations,
+        max_shift=meas_cfg.max_centroid_shift)
+    src.kind[rows] = sign
 
 
 def _photometry(planes: _Planes, src: _Sources, stamps: PsfStamps, joint, config,
@@ -854,7 +970,9 @@ def _fit_trails(planes: _Planes, src: _Sources, config, columns) -> int:
                  & (distortion * snr >= 2.0 * tr.min_elongation_significance))
     # Long trails can defeat adaptive moments on the stamp; the footprint shape still shows
     # (only for undivided footprints: child footprints of a blend are arbitrary polygons).
-    elongated |= ((src.group_size == 1) & (fp_aspect >= tr.min_footprint_aspect)
+    # (Not for two-sign footprints resolved to one lobe: their footprint spans both lobes.)
+    single_sign = np.isnan(src.lobes[:, 0])
+    elongated |= ((src.group_size == 1) & single_sign & (fp_aspect >= tr.min_footprint_aspect)
                   & (fp_excess >= tr.min_length_fwhm * fwhm))
     candidates = np.flatnonzero(src.point_like & (np.abs(src.nu) >= tr.min_snr) & elongated)
     length_est = np.nan_to_num(length_est)
