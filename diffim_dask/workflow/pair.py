@@ -122,7 +122,7 @@ def subtract_pair(science: Exposure, template: Exposure, pipeline):
     """Subtract and detect on one pair; returns ``(subtraction, detection, how)``."""
     from ..detect import detect_and_measure
     from ..psf import estimate_psf
-    from .run import subtract_exposures
+    from .run import repair_cosmic_rays, subtract_exposures
 
     if science.info.band and template.info.band and science.info.band != template.info.band:
         raise ConfigurationError(f"band mismatch: science is {science.info.band!r}, template "
@@ -130,6 +130,7 @@ def subtract_pair(science: Exposure, template: Exposure, pipeline):
     _check_geometry(science, template)
     if science.psf is None:
         science = science.replace(psf=estimate_psf(science).psf)
+    science, _ = repair_cosmic_rays(science, pipeline)
     if template.psf is None:
         template = template.replace(psf=estimate_psf(template).psf)
     template, how = template_on_science_grid(science, template, pipeline.template)

@@ -214,12 +214,28 @@ def _load_science(entry: ManifestEntry, pipeline: PipelineConfig) -> dict[str, A
         from ..psf import estimate_psf
 
         science = science.replace(psf=estimate_psf(science).psf)
+    science, cosmic_rays = repair_cosmic_rays(science, pipeline)
     if pipeline.injection.n_sources:
         from ..qa import inject_unit
 
         injection = inject_unit(science, pipeline.injection, entry.visit, entry.detector)
-        return {"science": injection.exposure, "injection": injection}
-    return {"science": science}
+        return {"science": injection.exposure, "injection": injection, "cosmic_rays": cosmic_rays}
+    return {"science": science, "cosmic_rays": cosmic_rays}
+
+
+def repair_cosmic_rays(science, pipeline: PipelineConfig):
+    """Find and repair cosmic rays on a science exposure (the pipeline's ``cosmic_rays`` block).
+
+    Returns the repaired exposure and a small dict of counts for the unit record
+    (``None`` when the step is off).
+    """
+    if not pipeline.cosmic_rays.enabled:
+        return science, None
+    from ..cosmic_rays import find_cosmic_rays
+
+    found = find_cosmic_rays(science, pipeline.cosmic_rays)
+    return found.exposure, {"n_cosmic_rays": int(found.n_cosmic_rays),
+                            "n_cosmic_ray_pixels": int(found.n_pixels)}
 
 
 @_stage("template")
@@ -235,7 +251,7 @@ def _assemble_template(state: dict[str, Any], templates: str, pipeline: Pipeline
 def _subtract(state: dict[str, Any], pipeline: PipelineConfig) -> dict[str, Any]:
     result = subtract_exposures(state["science"], state["template"], task_pipeline(pipeline))
     return {"science": state["science"], "subtraction": result, "timings": state.get("timings", {}),
-            "injection": state.get("injection")}
+            "injection": state.get("injection"), "cosmic_rays": state.get("cosmic_rays")}
 
 
 @_stage("detect")
@@ -247,7 +263,8 @@ def _detect_and_write(state: dict[str, Any], pipeline: PipelineConfig, out: str)
                                    matched_template=subtraction.matched_image,
                                    score=subtraction.score, config=pipeline.detection)
     return {"science": state["science"], "subtraction": subtraction, "detection": detection,
-            "timings": state.get("timings", {}), "injection": state.get("injection")}
+            "timings": state.get("timings", {}), "injection": state.get("injection"),
+            "cosmic_rays": state.get("cosmic_rays")}
 
 
 def subtract_exposures(science, template, pipeline: PipelineConfig):
@@ -344,6 +361,8 @@ def _write_unit_outputs(result: dict[str, Any], entry: ManifestEntry, pipeline: 
     if result.get("injection") is not None:
         _write_injection_truth(result["injection"], tree, entry.visit, entry.detector)
         extra["n_injected"] = int(len(result["injection"].truth))
+    if result.get("cosmic_rays") is not None:
+        extra["cosmic_rays"] = result["cosmic_rays"]
     if hasattr(subtraction.kernel, "kernel_sum"):
         from ..qa.report import kernel_sum_grid
 
