@@ -532,6 +532,7 @@ def run_cutout_triplets(run: RunData | str | Path, sources: pd.DataFrame, size: 
             notes.append(f"visit {visit} detector {detector}: science image unavailable ({exc})")
         template = None
         if science is not None:
+            science = _repair_like_the_run(run, science, notes, visit, detector)
             unit_truth = injected[(injected["visit"] == visit) & (injected["detector"] == detector)] \
                 if len(injected) else injected
             if len(unit_truth):
@@ -558,7 +559,26 @@ def run_cutout_triplets(run: RunData | str | Path, sources: pd.DataFrame, size: 
                 science, template, difference, float(row["x"]), float(row["y"]), size, kind=kind,
                 diaSourceId=int(row["diaSourceId"]), snr=float(row["snr"]), visit=visit,
                 detector=detector)
-    return triplets, notes
+    # In the order the caller listed the sources (the gallery ranks them).
+    order = [int(i) for i in sources["diaSourceId"] if int(i) in triplets]
+    return {i: triplets[i] for i in order}, notes
+
+
+def _repair_like_the_run(run: RunData, science, notes: list[str], visit: int, detector: int):
+    """The science image as the run subtracted it: cosmic rays repaired with the run's config."""
+    from ..workflow.pipeline import load_pipeline
+    from ..workflow.run import repair_cosmic_rays
+
+    try:
+        pipeline = load_pipeline(run.provenance.get("pipeline") or {})
+        if science.psf is None:
+            from ..psf import estimate_psf
+
+            science = science.replace(psf=estimate_psf(science).psf)
+        return repair_cosmic_rays(science, pipeline)[0]
+    except DiffimError as exc:
+        notes.append(f"visit {visit} detector {detector}: cosmic rays not repaired ({exc})")
+        return science
 
 
 def _gallery(run: RunData, n_per_kind: int, size: int) -> tuple[dict[str, str], list[str]]:
