@@ -46,10 +46,15 @@ def step(name: str, size: int, repeat: int, workers: int = 0) -> dict:
     config = recommended_pipeline().alard_lupton
     if name == "subtract":
         pair = _pair(size, 200)
-        results = []
-        measured = measure_here(lambda: results.append(subtract_alard_lupton(pair.science, pair.template,
-                                                                             config)), repeat)
-        meta = results[-1].metadata
+        results = [None]
+
+        def run():
+            # Only the last result is kept, so earlier ones do not inflate the memory peaks.
+            results[0] = None
+            results[0] = subtract_alard_lupton(pair.science, pair.template, config)
+
+        measured = measure_here(run, repeat)
+        meta = results[0].metadata
         measured["steps_s"] = {k[5:]: round(v, 3) for k, v in meta.items() if k.startswith("time_")}
         return measured
     if name == "detect":
