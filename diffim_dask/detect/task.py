@@ -46,7 +46,6 @@ import copy
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any
 
@@ -55,6 +54,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 from scipy.spatial import cKDTree
 
+from .._parallel import default_threads
 from ..errors import AlgorithmError, BadInputDataError
 from ..exposure import Exposure
 from ..masks import MASK_PLANES, mask_value, plane_set
@@ -154,7 +154,7 @@ def detect_and_measure(difference: Exposure, *, science: Exposure | None = None,
     matched_template = matched_template.compute() if matched_template is not None else None
     score = score.compute() if score is not None else None
 
-    workers = config.workers or _available_cores()
+    workers = config.workers or default_threads()
     planes, kernel = _prepare(difference, config)
     score_planes = _score_planes(score, planes) if score is not None else None
     timer.lap("prepare")
@@ -363,21 +363,6 @@ class _Sources:
         py, px = self.pixel_y[pix], self.pixel_x[pix]
         return (max(int(py.min()) - margin, 0), min(int(py.max()) + margin + 1, shape[0]),
                 max(int(px.min()) - margin, 0), min(int(px.max()) + margin + 1, shape[1]))
-
-
-def _available_cores() -> int:
-    """Default thread count: 1 inside a Dask worker (which already runs tasks in
-    parallel), else the cores this process may use."""
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return 1
-    except (ImportError, ValueError):
-        pass
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 class _Timer:

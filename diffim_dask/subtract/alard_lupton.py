@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,6 +53,7 @@ import numpy as np
 import pandas as pd
 from scipy.signal import fftconvolve
 
+from .._parallel import default_threads
 from ..errors import (BadInputDataError, ConfigurationError, InsufficientKernelSourcesError,
                       BadSubtractionError, NoWorkFound)
 from ..exposure import Exposure, validate_pair
@@ -861,8 +861,7 @@ def _fft_workers(config, science: Exposure, template: Exposure) -> int:
         return int(config.fft_workers)
     if science.is_lazy or template.is_lazy:
         return 1
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-               (os.cpu_count() or 1))
+    return default_threads()
 
 
 def _prepare_config(config):

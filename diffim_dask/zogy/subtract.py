@@ -52,7 +52,8 @@ from .core import apply_zogy, zogy_kernels
 from .noise import measure_noise_correlation, white as white_noise
 from .products import ZogyKernel
 from .stars import find_candidates, fit_flux_ratio, fit_registration, isolated, measure_stars
-from .tiles import available_cores, cut_box, plan_tiles, run_tiles
+from .._parallel import default_threads
+from .tiles import cut_box, plan_tiles, run_tiles
 
 __all__ = ["subtract_zogy"]
 
@@ -454,7 +455,7 @@ class _Prepared:
             return background, sky, scale, correlation
 
         jobs = [(sci, self.usable_n), (tmpl, self.usable_r)]
-        if min(config.workers or available_cores(), 2) > 1:
+        if min(config.workers or default_threads(), 2) > 1:
             # NumPy releases the GIL: both images at once.
             with ThreadPoolExecutor(max_workers=2) as pool:
                 results = list(pool.map(statistics, jobs))
@@ -643,7 +644,7 @@ def subtract_zogy(science: Exposure, template: Exposure,
     border = config.tile_border or max(16, support)
     tile_size = config.tile_size or _automatic_tile_size(prep, config)
     layout = plan_tiles(prep.shape, tile_size, border)
-    workers = config.workers or available_cores()
+    workers = config.workers or default_threads()
     threads = min(workers, len(layout.tiles))
     fft_workers = max(1, workers // max(threads, 1))
     dtype = np.float32 if config.fft_precision == "float32" else np.float64

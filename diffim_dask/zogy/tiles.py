@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
@@ -21,7 +20,7 @@ import scipy.fft as sfft
 
 from ..errors import ConfigurationError
 
-__all__ = ["Tile", "TileLayout", "plan_tiles", "cut_box", "run_tiles", "available_cores"]
+__all__ = ["Tile", "TileLayout", "plan_tiles", "cut_box", "run_tiles"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,21 +164,6 @@ def cut_box(array: np.ndarray, box: tuple[int, int, int, int], fill=0, dtype=Non
     if sy1 > sy0 and sx1 > sx0:
         out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = array[sy0:sy1, sx0:sx1]
     return out
-
-
-def available_cores() -> int:
-    """Threads to use by default: 1 inside a Dask worker (which already runs tasks in
-    parallel), else the cores this process may use."""
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return 1
-    except (ImportError, ValueError):
-        pass
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def run_tiles(function: Callable[[Tile], object], layout: TileLayout, workers: int) -> list:
