@@ -8,7 +8,7 @@ largest kernel involved, so the chunked result equals the whole-array one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import dask.array as da
 import numpy as np

@@ -9,7 +9,7 @@ from scipy.signal import convolve2d, fftconvolve
 from diffim_dask.errors import ConfigurationError
 from diffim_dask.psf import FWHM_PER_SIGMA
 from diffim_dask.subtract import KernelBasisConfig, basis_sigmas, kernel_size_for_sigmas, make_basis
-from diffim_dask.subtract._convolve import (convolve_spatial, dilate_bits, fft_convolve_same,
+from diffim_dask.subtract._convolve import (dilate_bits, fft_convolve_same,
                                             kernel_spectrum, quadratic_form_grid,
                                             stamp_raw_convolutions)
 from diffim_dask.subtract._spatial import ChebyshevBasis2D

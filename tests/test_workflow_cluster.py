@@ -79,7 +79,7 @@ def test_killed_worker_still_gives_complete_catalog(survey_dir, cluster_client, 
     pipeline = load_pipeline("alard-lupton")
     entries = load_manifest(survey_dir / "manifest.yaml")
     templates = str(survey_dir / "templates.zarr")
-    reference = run_survey(pipeline, entries, templates, tmp_path / "reference", client=False)
+    run_survey(pipeline, entries, templates, tmp_path / "reference", client=False)
     killed = []
 
     pids = cluster_client.run(os.getpid)

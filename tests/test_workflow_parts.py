@@ -23,7 +23,6 @@ from diffim_dask.workflow.catalog import catalog_part_path, read_catalog, write_
 from diffim_dask.workflow.manifest import load_manifest
 from diffim_dask.workflow.pipeline import (
     METHODS,
-    PipelineConfig,
     builtin_pipeline_path,
     dump_pipeline_yaml,
     load_pipeline,
