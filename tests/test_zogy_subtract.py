@@ -210,11 +210,16 @@ def test_flux_ratio_fit_needs_stars():
                                   np.full(shape, s**2, np.float32), psf=GaussianPsf(3.0))
              for s in (10.0, 3.0)]
     with pytest.raises(AlgorithmError, match="cannot fit the flux ratio") as info:
-        subtract_zogy(*blank)
+        subtract_zogy(*blank, ZogyConfig(flux_ratio_source="fit"))
     assert info.value.metadata["n_good_stars"] == 0
-    # With the ratio given, a starless pair is fine (registration is then skipped).
-    out = subtract_zogy(*blank, ZogyConfig(flux_ratio_source="fixed"))
+    # 'auto' without PhotoCalibs or stars assumes the configured ratio (like the AL
+    # 'psf-model' strategy) and says so; registration is then skipped.
+    out = subtract_zogy(*blank, ZogyConfig(flux_ratio=1.5))
+    assert out.metadata["flux_ratio_source"] == "assumed"
+    assert out.metadata["flux_ratio"] == 1.5 and out.metadata["n_flux_ratio_stars"] == 0
     assert out.metadata["registration_status"].startswith("too few stars")
+    fixed = subtract_zogy(*blank, ZogyConfig(flux_ratio_source="fixed"))
+    assert fixed.metadata["flux_ratio_source"] == "fixed"
 
 
 # -- PSFs, tiles, precision -----------------------------------------------------------------------

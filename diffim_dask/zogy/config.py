@@ -74,11 +74,14 @@ class ZogyConfig(ConfigBase):
         "auto",
         "Where the flux ratio r = F_N/F_R (science counts per template count of one source) "
         "comes from: 'calibration' (the two PhotoCalibs), 'fit' (PSF fluxes of matched stars), "
-        "'fixed' (the flux_ratio field), 'auto' (calibration when both images have one, else fit).",
+        "'fixed' (the flux_ratio field), 'auto' (calibration when both images have one, else fit "
+        "when at least stars.min_stars matched stars are usable, else the flux_ratio field, "
+        "reported as 'assumed': a small stamp's only star may be the transient itself, as the "
+        "Alard-Lupton 'psf-model' strategy does).",
         choices=("auto", "calibration", "fit", "fixed"))
     flux_ratio: float = config_field(
-        1.0, "Flux ratio used when flux_ratio_source is 'fixed'.", minimum=0.0,
-        exclusive_minimum=True)
+        1.0, "Flux ratio used when flux_ratio_source is 'fixed', and by 'auto' when the images "
+        "have no PhotoCalibs and too few stars to fit it.", minimum=0.0, exclusive_minimum=True)
     background: str = config_field(
         "fit",
         "'fit': fit a smooth background (median of source-masked bins, bilinearly "
@@ -103,6 +106,21 @@ class ZogyConfig(ConfigBase):
         0.05, "'auto' models an image's noise as correlated only when its measured lag-1 "
         "correlation (along x or y) exceeds this; below it the image is treated as white "
         "(faint source wings bias the measurement of white images by ~0.01).", minimum=0.0)
+    noise_correlation_max_far: float = config_field(
+        0.4, "'auto' rejects a measured autocorrelation whose mean on the outermost ring of "
+        "lags (distance noise_correlation_radius) exceeds this fraction of its largest lag-1 "
+        "correlation: resampling correlates noise over a pixel or two only (the DECam stacks: "
+        "0.02-0.1), so a plateau there is structure in the sky pixels (crowded fields, "
+        "nebulosity, background residuals; 0.5-0.85 on ZTF stamps), and whitening with it "
+        "would amplify the real high-frequency noise; such an image is treated as white.",
+        minimum=0.0)
+    noise_correlation_max_lag1: float = config_field(
+        0.6, "'auto' also rejects a measured lag-1 correlation above this as sky structure: "
+        "interpolation kernels give at most ~0.5 (a half-pixel linear shift; the DECam stacks "
+        "0.35-0.5), while unresolved stars of a crowded field correlate the sky over a PSF "
+        "(0.75-0.95 on ZTF stamps and simulated confusion); such an image is treated as white. "
+        "Raise it for images smoothed on purpose (e.g. large-pixfrac drizzle).",
+        minimum=0.0, maximum=1.0)
     noise_correlation_radius: int = config_field(
         3, "Largest lag (pixels, per axis) of the measured noise autocorrelation.", minimum=1,
         maximum=10)
@@ -185,6 +203,20 @@ class ZogyConfig(ConfigBase):
         "the astrometric terms; 'background' = the constant background-only variance F_S "
         "(the classic S / sqrt(V_S) of uniform noise).",
         choices=("full", "source", "background"))
+    score_normalization: str = config_field(
+        "auto",
+        "Empirical check of S_corr's normalisation: its robust sigma (0.7413 IQR) over the "
+        "valid interior pixels (no EDGE, NO_DATA, BAD, SAT, SAT_TEMPLATE). 'auto': divide the "
+        "score by it (and scale the flux image's variance) when it departs from 1 by more than "
+        "score_normalization_tolerance (variance planes that do not describe the noise, e.g. "
+        "derived from a crowded sky); 'empirical': always; 'model': never (the variance "
+        "planes and noise model alone).", choices=("auto", "empirical", "model"))
+    score_normalization_tolerance: float = config_field(
+        0.2, "'auto' score normalisation applies when |robust sigma - 1| exceeds this.",
+        minimum=0.0)
+    score_normalization_min_pixels: int = config_field(
+        200, "Fewest valid interior pixels needed to measure the score's robust sigma.",
+        minimum=10)
     flux_image: bool = config_field(
         True, "Also return metadata['flux_image']: an Exposure whose image is the PSF flux "
         "estimate S / F_S (science counts) at every pixel and whose variance is its full "

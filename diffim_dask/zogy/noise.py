@@ -58,6 +58,22 @@ class NoiseCorrelation:
         return float(self.acf[c, c + 1]), float(self.acf[c + 1, c])
 
     @property
+    def far_correlation(self) -> float:
+        """Mean correlation on the outermost ring of lags (Chebyshev distance = radius).
+
+        Resampling and coadding correlate noise over a kernel's width (one or
+        two pixels), so a noise ACF has died out at the largest measured lags.
+        A plateau there means the "sky" pixels hold structure (unresolved stars
+        in a crowded field, nebulosity, background residuals) rather than noise.
+        """
+        radius = self.acf.shape[0] // 2
+        if radius == 0:
+            return 0.0
+        ring = np.ones(self.acf.shape, bool)
+        ring[1:-1, 1:-1] = False
+        return float(self.acf[ring].mean())
+
+    @property
     def matched_filter_factor(self) -> float:
         """Sum of the ACF: variance ratio of a wide (flat) filter's output, correlated vs white."""
         return float(self.acf.sum())

@@ -10,9 +10,13 @@
 3. rescale each variance plane to the noise of its source-free sky
    (:func:`diffim_dask.subtract.measure_variance_scale`) and measure each
    image's pixel-to-pixel noise correlation (:mod:`.noise`; resampled frames
-   and coadds are not white);
+   and coadds are not white); a measurement that does not look like noise
+   correlation (lag-1 above ``noise_correlation_max_lag1``, or a plateau at the
+   largest lags: the unresolved stars of a crowded sky) is rejected and that
+   image is modelled white;
 4. match bright isolated stars between the images (:mod:`.stars`): the flux
-   ratio ``r = F_N / F_R`` (from the PhotoCalibs, or fitted), the template
+   ratio ``r = F_N / F_R`` (from the PhotoCalibs, or fitted; with neither,
+   e.g. on a small stamp, ``ZogyConfig.flux_ratio`` is assumed), the template
    offset (removed by a Fourier shift) and the registration noise;
 5. on overlapping tiles (:mod:`.tiles`; automatic size from the PSF
    variation, border from the kernels' support), each with its own PSFs and
@@ -25,12 +29,15 @@
    ``P_D`` (a :class:`~diffim_dask.psf.GridPsf` over the tile centres) and
    variance, ``S_corr`` as the score, the registered template in science
    units as the matched image, masks (both inputs' planes, grown by the
-   kernels' reach, EDGE border) and the metadata.
+   kernels' reach, EDGE border) and the metadata; ``S_corr`` is divided by
+   its robust sigma over the valid interior when that is far from 1
+   (``score_normalization``: variance planes that misstate the noise).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +63,8 @@ from .._parallel import default_threads
 from .tiles import cut_box, plan_tiles, run_tiles
 
 __all__ = ["subtract_zogy"]
+
+logger = logging.getLogger(__name__)
 
 _NO_DATA = mask_value("NO_DATA")
 
@@ -321,7 +330,7 @@ def _flux_ratio(prep, config: ZogyConfig, stars: pd.DataFrame, science: Exposure
     source = config.flux_ratio_source
     if source == "auto":
         has_calib = science.photo_calib is not None and template.photo_calib is not None
-        source = "calibration" if has_calib else "fit"
+        source = "calibration" if has_calib else ("fit" if fitted is not None else "assumed")
     info = {"flux_ratio_fitted": fitted.ratio if fitted else float("nan"),
             "flux_ratio_fitted_err": fitted.error if fitted else float("nan"),
             "flux_ratio_fitted_chi2": fitted.chi2 if fitted else float("nan"),
@@ -346,6 +355,13 @@ def _flux_ratio(prep, config: ZogyConfig, stars: pd.DataFrame, science: Exposure
                 {"n_good_stars": int(good.sum()), "n_candidates": int(len(stars)),
                  "min_stars": int(scfg.min_stars)})
         ratio, error = fitted.ratio, fitted.error
+    elif source == "assumed":
+        # Too few stars to fit (on a small stamp the only one may be the transient) and no
+        # calibrations: take the configured ratio, as the Alard-Lupton 'psf-model' strategy does.
+        ratio, error = float(config.flux_ratio), float("nan")
+        logger.warning("no PhotoCalibs and only %d usable matched stars (need %d): assuming the "
+                       "flux ratio F_N/F_R = %g (ZogyConfig.flux_ratio)", int(good.sum()),
+                       scfg.min_stars, ratio)
     else:
         ratio, error = float(config.flux_ratio), 0.0
     if not (np.isfinite(ratio) and ratio > 0):
@@ -386,6 +402,57 @@ def _registration(prep, config: ZogyConfig, stars: pd.DataFrame):
             f"on {int(fit.used.sum())} stars), more than ZogyConfig.max_registration_offset = "
             f"{config.max_registration_offset}; the images are not on one pixel grid")
     return fit, "fitted"
+
+
+# -- noise model checks ---------------------------------------------------------------------------
+
+
+def _noise_status(correlation, config: ZogyConfig) -> str:
+    """'white', 'correlated' or 'structured' (a measured ACF rejected as sky structure)."""
+    lag1 = max(abs(v) for v in correlation.lag1)
+    if lag1 <= config.noise_correlation_threshold:
+        return "white"
+    if (lag1 > config.noise_correlation_max_lag1
+            or correlation.far_correlation > config.noise_correlation_max_far * lag1):
+        return "structured"
+    return "correlated"
+
+
+_SCORE_INVALID = ("EDGE", "NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")
+
+
+def _normalize_score(score: np.ndarray, flux_variance, mask: np.ndarray,
+                     config: ZogyConfig) -> dict:
+    """Measure S_corr's robust sigma on the valid interior; divide it out when configured.
+
+    ``S_corr`` is unit-variance by construction only as far as the variance
+    planes and the noise model describe the real noise. The robust sigma
+    ``0.7413 IQR`` of the score over the valid pixels (sources and the
+    transient are a small fraction, which the interquartile range ignores)
+    checks that; ``score`` is divided by it in place, and ``flux_variance``
+    (of ``S / F_S``, whose S/N is the score) multiplied by its square.
+    """
+    valid = ((mask & MASK_DTYPE(mask_value(_SCORE_INVALID))) == 0) & np.isfinite(score)
+    n_valid = int(valid.sum())
+    info = {"score_normalization": config.score_normalization,
+            "score_robust_sigma": float("nan"), "score_scale": 1.0,
+            "n_score_normalization_pixels": n_valid}
+    if n_valid < config.score_normalization_min_pixels:
+        return info
+    q25, q75 = np.percentile(score[valid], [25.0, 75.0])
+    sigma = 0.741301109 * float(q75 - q25)
+    info["score_robust_sigma"] = sigma
+    apply = config.score_normalization == "empirical" or (
+        config.score_normalization == "auto"
+        and abs(sigma - 1.0) > config.score_normalization_tolerance)
+    if apply and sigma > 0:
+        score /= np.float32(sigma)
+        if flux_variance is not None:
+            flux_variance *= np.float32(sigma**2)
+        info["score_scale"] = 1.0 / sigma
+        logger.info("S_corr robust sigma %.3g on %d interior pixels: score rescaled to unit "
+                    "variance", sigma, n_valid)
+    return info
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -572,7 +639,7 @@ def subtract_zogy(science: Exposure, template: Exposure,
         pixel; the outputs are numpy-backed.
     config : ZogyConfig or dict, optional
         Defaults: flux ratio from the PhotoCalibs (fitted on matched stars
-        without them), fitted backgrounds, variance scaling, constant
+        without them, assumed 1 with too few stars), fitted backgrounds, variance scaling, constant
         registration offset with estimated registration noise, 256-pixel
         tiles, ``score_noise='full'``.
 
@@ -585,7 +652,9 @@ def subtract_zogy(science: Exposure, template: Exposure,
         GridPsf over the tile centres) and its full variance plane, so PSF
         fits on it give science-unit fluxes and errors.
         ``score``: ``S_corr`` (variance plane 1; detect on it without
-        smoothing). ``matched_image`` (alias ``matched_template``): the
+        smoothing), divided by its measured robust sigma when
+        ``score_normalization`` says so (``metadata["score_robust_sigma"]``,
+        ``["score_scale"]``). ``matched_image`` (alias ``matched_template``): the
         template registered onto the science image and multiplied by the flux
         ratio (science units), with the template PSF. ``kernel``: a
         :class:`~diffim_dask.zogy.ZogyKernel` (``image(x, y)`` gives the
@@ -609,7 +678,7 @@ def subtract_zogy(science: Exposure, template: Exposure,
         offset above ``max_registration_offset``; a missing PhotoCalib when
         ``flux_ratio_source='calibration'``.
     AlgorithmError
-        The flux ratio must be fitted and too few stars are usable, or PSF
+        ``flux_ratio_source='fit'`` and too few stars are usable, or PSF
         estimation failed.
     ConfigurationError
         Invalid config.
@@ -625,9 +694,10 @@ def subtract_zogy(science: Exposure, template: Exposure,
 
     stamp = _stamp_size(prep)
     sigma_n_global, sigma_r_global = prep.global_sigma("n"), prep.global_sigma("r")
-    correlation_n, correlation_r = (
-        c.acf if max(abs(v) for v in c.lag1) > config.noise_correlation_threshold else None
-        for c in (prep.correlation_n, prep.correlation_r))
+    status_n, status_r = (_noise_status(c, config)
+                          for c in (prep.correlation_n, prep.correlation_r))
+    correlation_n = prep.correlation_n.acf if status_n == "correlated" else None
+    correlation_r = prep.correlation_r.acf if status_r == "correlated" else None
     # The kernels' support at the image centre (on a generous grid) sets the tile border
     # (no wrap-around into the inner boxes) and the grid of the real-space kernels.
     cx, cy = science.center
@@ -727,6 +797,7 @@ def subtract_zogy(science: Exposure, template: Exposure,
     skipped = [tile for r, tile in zip(results, layout.tiles) if r["skipped"]]
     for tile in skipped:
         diff_mask[tile.inner_slices] |= MASK_DTYPE(_NO_DATA)
+    score_info = _normalize_score(score, flux_var, diff_mask, config)
     matched *= np.float32(ratio)
     matched_var = prep.tmpl.variance * np.float32(prep.factor_r * ratio**2)
     score_var = np.ones(shape, np.float32)
@@ -812,6 +883,11 @@ def subtract_zogy(science: Exposure, template: Exposure,
         "noise_correlation": config.noise_correlation,
         "science_noise_correlated": correlation_n is not None,
         "template_noise_correlated": correlation_r is not None,
+        "science_noise_status": status_n,
+        "template_noise_status": status_r,
+        "science_noise_far": prep.correlation_n.far_correlation,
+        "template_noise_far": prep.correlation_r.far_correlation,
+        **score_info,
         "science_noise_lag1": list(prep.correlation_n.lag1),
         "template_noise_lag1": list(prep.correlation_r.lag1),
         "science_noise_acf_sum": prep.correlation_n.matched_filter_factor,
