@@ -18,7 +18,7 @@ from diffim_dask import GridPsf
 from diffim_dask.subtract import (NOISE_POWER_FLOOR, AlardLuptonConfig, decorrelation_kernel,
                                   noise_correlation_factor, noise_power_spectrum, psf_flux_bias,
                                   subtract_alard_lupton, subtract_alard_lupton_preconvolved)
-from diffim_dask.zogy.noise import measure_noise_correlation
+from diffim_dask.noise_correlation import measure_noise_correlation
 
 #: 1-D taps of the correlating kernel; its lag-1 correlation is 2·0.15·0.7 / Σ taps² ≈ 0.39.
 _TAPS = np.array([0.15, 0.7, 0.15])

@@ -18,7 +18,7 @@ from diffim_dask.errors import BadInputDataError, ConfigurationError
 from diffim_dask.psf import GaussianPsf
 from diffim_dask.zogy import (apply_zogy, proper_image_subtraction, psf_spectrum, shift_phase,
                               zogy_kernels)
-from diffim_dask.zogy.noise import measure_noise_correlation
+from diffim_dask.noise_correlation import measure_noise_correlation
 
 SCIENCE_FWHM, TEMPLATE_FWHM = 3.5, 2.5
 SIGMA_N, SIGMA_R = 10.0, 3.0

@@ -59,7 +59,7 @@ from ..errors import (BadInputDataError, ConfigurationError, InsufficientKernelS
 from ..exposure import Exposure, validate_pair
 from ..masks import MASK_DTYPE, mask_bit, mask_value
 from ..psf.models import FWHM_PER_SIGMA, GridPsf, ImagePsf
-from ..zogy.noise import measure_noise_correlation
+from ..noise_correlation import measure_noise_correlation
 from . import _apply
 from ._basis import make_basis
 from ._convolve import dilate_bits, fft_convolve_same, grow_flags
@@ -298,7 +298,7 @@ class _Prepared:
 class _InputNoise:
     """Measured noise autocorrelation of one input and whether the filter models it."""
 
-    measured: object  # diffim_dask.zogy.noise.NoiseCorrelation
+    measured: object  # diffim_dask.noise_correlation.NoiseCorrelation
     correlated: bool
 
     @property

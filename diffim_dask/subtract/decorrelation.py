@@ -44,7 +44,7 @@ actually applied (:func:`decorrelation_filter`). Without truncation
 \\lVert\\kappa\\otimes\\phi\\rVert^2 = N(0)`.
 
 Noise spectra. :math:`R` is the transform of the autocorrelation measured on
-sky pixels (:func:`diffim_dask.zogy.noise.measure_noise_correlation`, lags up
+sky pixels (:func:`diffim_dask.noise_correlation.measure_noise_correlation`, lags up
 to a few pixels). The transform of a truncated, noisy autocorrelation rings:
 at high frequencies, where resampling leaves little noise power, it dips
 towards zero at frequencies that change with the truncation radius, and a
@@ -125,7 +125,7 @@ def noise_power_spectrum(correlation, n: int, floor: float = NOISE_POWER_FLOOR
     ----------
     correlation : numpy.ndarray or None
         Centred, odd, symmetric normalised autocorrelation stamp (1 at the
-        centre), e.g. :attr:`diffim_dask.zogy.noise.NoiseCorrelation.acf`.
+        centre), e.g. :attr:`diffim_dask.noise_correlation.NoiseCorrelation.acf`.
         ``None`` means white noise.
     n : int
         Grid side (at least the stamp side).

@@ -10,7 +10,8 @@ ZogyConfig, ZogyStarConfig
 ZogyKernel, BinnedBackground
     The effective kernels per tile and the removed differential background.
 NoiseCorrelation, measure_noise_correlation
-    Pixel-to-pixel noise correlation of an image (:mod:`.noise`).
+    Pixel-to-pixel noise correlation of an image (:mod:`diffim_dask.noise_correlation`,
+    shared with Alard–Lupton decorrelation; re-exported here).
 proper_image_subtraction, zogy_kernels, apply_zogy, psf_spectrum, shift_phase
     The pure Fourier-space mathematics (:mod:`.core`).
 plan_tiles, TileLayout, Tile
@@ -21,7 +22,7 @@ from .background import BinnedBackground
 from .config import ZogyConfig, ZogyStarConfig
 from .core import (ZogyImages, ZogyKernels, apply_zogy, correlation_spectrum,
                    proper_image_subtraction, psf_spectrum, shift_phase, zogy_kernels)
-from .noise import NoiseCorrelation, measure_noise_correlation
+from ..noise_correlation import NoiseCorrelation, measure_noise_correlation
 from .products import ZogyKernel
 from .subtract import subtract_zogy
 from .tiles import Tile, TileLayout, plan_tiles

@@ -411,7 +411,7 @@ def zogy_kernels(science_psf, template_psf, shape: tuple[int, int], sigma_scienc
         the larger stamp side (made odd).
     science_correlation, template_correlation : numpy.ndarray, optional
         Normalised noise autocorrelation stamps (odd, centred, 1 at the
-        centre) of correlated-noise inputs (see :mod:`.noise`); the noise
+        centre) of correlated-noise inputs (see :mod:`diffim_dask.noise_correlation`); the noise
         power becomes ``σ² R(k)`` with ``R`` their transform, so ``D`` stays
         white and ``S`` optimal. The variance-plane terms are multiplied by
         the ratio of each kernel's correlated to white noise variance.

@@ -9,7 +9,7 @@
    background-subtracted) and find their sky pixels;
 3. rescale each variance plane to the noise of its source-free sky
    (:func:`diffim_dask.subtract.measure_variance_scale`) and measure each
-   image's pixel-to-pixel noise correlation (:mod:`.noise`; resampled frames
+   image's pixel-to-pixel noise correlation (:mod:`diffim_dask.noise_correlation`; resampled frames
    and coadds are not white); a measurement that does not look like noise
    correlation (lag-1 above ``noise_correlation_max_lag1``, or a plateau at the
    largest lags: the unresolved stars of a crowded sky) is rejected and that
@@ -56,7 +56,7 @@ from ..subtract.variance import measure_variance_scale
 from .background import fit_background
 from .config import ZogyConfig
 from .core import apply_zogy, zogy_kernels
-from .noise import measure_noise_correlation, white as white_noise
+from ..noise_correlation import measure_noise_correlation, white as white_noise
 from .products import ZogyKernel
 from .stars import find_candidates, fit_flux_ratio, fit_registration, isolated, measure_stars
 from .._parallel import default_threads

@@ -1,5 +1,9 @@
 r"""Pixel-to-pixel noise correlation of an image (resampled frames and coadds).
 
+Shared by the two subtraction methods: ZOGY's correlated-noise generalisation
+and the Alard–Lupton decorrelation filter both model each input's noise power
+from the autocorrelation measured here.
+
 ZOGY as published assumes white noise in both inputs. Warped and coadded
 images are not white: resampling kernels correlate neighbouring pixels
 (lag-1 correlations of 0.3–0.5 are common), so a matched filter's noise is
