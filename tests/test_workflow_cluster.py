@@ -7,9 +7,9 @@ import json
 import os
 import signal
 
-import numpy as np
-import pandas as pd
 import pytest
+
+from _workflow_fixtures import assert_same_catalog
 
 from diffim_dask.simulate import SurveyConfig
 from diffim_dask.workflow.catalog import catalog_part_path, read_catalog
@@ -44,16 +44,6 @@ def _available_methods():
     return [m for m in METHODS if builtin_pipeline_path(m).exists()]
 
 
-def _assert_same_catalog(a: pd.DataFrame, b: pd.DataFrame):
-    assert list(a["diaSourceId"]) == list(b["diaSourceId"])
-    for column in a.columns:
-        if a[column].dtype.kind == "f":
-            np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-5, atol=1e-6,
-                                       equal_nan=True, err_msg=column)
-        else:
-            assert (a[column].to_numpy() == b[column].to_numpy()).all(), column
-
-
 @pytest.mark.parametrize("method", _available_methods())
 def test_pipeline_on_cluster_equals_synchronous_run(survey_dir, cluster_client, tmp_path, method):
     pipeline = load_pipeline(method)
@@ -66,7 +56,7 @@ def test_pipeline_on_cluster_equals_synchronous_run(survey_dir, cluster_client, 
     assert sync.counts["done"] == dist.counts["done"] == len(entries)
     catalog = read_catalog(tmp_path / "dist")
     assert len(catalog) > 0 and catalog["diaSourceId"].is_unique
-    _assert_same_catalog(read_catalog(tmp_path / "sync"), catalog)
+    assert_same_catalog(read_catalog(tmp_path / "sync"), catalog)
     summary = json.loads((tmp_path / "dist" / "run_summary.json").read_text())
     assert summary["counts"] == {"done": len(entries), "skipped": 0, "failed": 0}
     provenance = json.loads((tmp_path / "dist" / "provenance.json").read_text())
@@ -96,7 +86,7 @@ def test_killed_worker_still_gives_complete_catalog(survey_dir, cluster_client, 
     assert killed and result.ok and result.counts["done"] == len(entries)
     catalog = read_catalog(tmp_path / "run")
     assert catalog["diaSourceId"].is_unique
-    _assert_same_catalog(read_catalog(tmp_path / "reference"), catalog)
+    assert_same_catalog(read_catalog(tmp_path / "reference"), catalog)
 
 
 class _Interrupt(Exception):
@@ -125,7 +115,7 @@ def test_resume_completes_interrupted_run_without_recomputing(survey_dir, tmp_pa
     for key, stamp in stamps.items():  # finished parts were not rewritten
         assert catalog_part_path(out, *key).stat().st_mtime_ns == stamp
     fresh = run_survey(pipeline, entries, templates, tmp_path / "fresh", client=False)
-    _assert_same_catalog(read_catalog(fresh.out), read_catalog(out))
+    assert_same_catalog(read_catalog(fresh.out), read_catalog(out))
 
 
 def _worker_has_no_client(dask_worker):
@@ -179,4 +169,4 @@ def test_file_url_run_keeps_pixels_out_of_the_graph(survey_dir, tmp_path):
     # On a worker each task runs one FFT thread (the worker's threads are the parallelism);
     # the synchronous run in this process keeps the automatic setting.
     assert {r["subtraction"]["fft_workers"] for r in result.records} == {1}
-    _assert_same_catalog(read_catalog(reference.out), read_catalog(out))
+    assert_same_catalog(read_catalog(reference.out), read_catalog(out))

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
+from _workflow_fixtures import assert_same_catalog
+
 from diffim_dask.io import ExposureStore, write_exposure_fits
 from diffim_dask.simulate import SurveyConfig
 from diffim_dask.workflow.catalog import catalog_part_name, read_catalog, write_catalog_part
@@ -66,16 +68,6 @@ def _upload_inputs(survey, bucket: str) -> list[ManifestEntry]:
     return load_manifest(f"{bucket}/inputs/manifest.yaml")
 
 
-def _assert_same_catalog(a, b):
-    assert list(a["diaSourceId"]) == list(b["diaSourceId"])
-    for column in a.columns:
-        if a[column].dtype.kind == "f":
-            np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-5, atol=1e-6,
-                                       equal_nan=True, err_msg=column)
-        else:
-            assert (a[column].to_numpy() == b[column].to_numpy()).all(), column
-
-
 def test_manifest_from_a_url_resolves_relative_paths(bucket):
     fs, root = fsspec.core.url_to_fs(bucket)
     fs.pipe_file(f"{root}/m/manifest.csv", b"visit,detector,path\n3,1,../data/a.fits\n4,0,/abs/b.zarr\n")
@@ -107,7 +99,7 @@ def test_run_with_url_inputs_and_object_store_outputs_equals_local_run(small_sur
     # The catalog, read back from the object store, equals the local run's.
     catalog = read_catalog(out)
     assert len(catalog) > 0 and catalog["diaSourceId"].is_unique
-    _assert_same_catalog(read_catalog(tmp_path / "local"), catalog)
+    assert_same_catalog(read_catalog(tmp_path / "local"), catalog)
     # Every output is where a local run puts it, and nothing else (no temporary objects).
     objects = _objects(out)
     local = sorted(p.relative_to(tmp_path / "local").as_posix()
