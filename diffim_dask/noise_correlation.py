@@ -77,6 +77,23 @@ class NoiseCorrelation:
         ring[1:-1, 1:-1] = False
         return float(self.acf[ring].mean())
 
+    def status(self, white_below: float, max_lag1: float = float("inf"),
+               max_far_fraction: float = float("inf")) -> str:
+        """How a noise model should treat this measurement.
+
+        ``'white'`` when the largest |lag-1| correlation is at most
+        ``white_below``; ``'structured'`` when it exceeds ``max_lag1`` or the
+        outer ring (:attr:`far_correlation`) holds more than
+        ``max_far_fraction`` × lag-1 — sky structure rather than resampling
+        noise, which dies out within a pixel or two; else ``'correlated'``.
+        """
+        lag1 = max(abs(v) for v in self.lag1)
+        if lag1 <= white_below:
+            return "white"
+        if lag1 > max_lag1 or self.far_correlation > max_far_fraction * lag1:
+            return "structured"
+        return "correlated"
+
     @property
     def matched_filter_factor(self) -> float:
         """Sum of the ACF: variance ratio of a wide (flat) filter's output, correlated vs white."""

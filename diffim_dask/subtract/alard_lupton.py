@@ -325,8 +325,8 @@ def _noise_correlations(dcfg, images):
         correlation = measure_noise_correlation(
             image.image, stats.good & ~stats.sources, stats.background,
             radius=dcfg.noise_correlation_radius, clip=5.0, grow=1)
-        correlated = max(abs(v) for v in correlation.lag1) > dcfg.noise_correlation_threshold
-        out.append(_InputNoise(correlation, bool(correlated)))
+        correlated = correlation.status(dcfg.noise_correlation_threshold) != "white"
+        out.append(_InputNoise(correlation, correlated))
     return tuple(out)
 
 

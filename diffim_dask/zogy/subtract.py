@@ -409,13 +409,8 @@ def _registration(prep, config: ZogyConfig, stars: pd.DataFrame):
 
 def _noise_status(correlation, config: ZogyConfig) -> str:
     """'white', 'correlated' or 'structured' (a measured ACF rejected as sky structure)."""
-    lag1 = max(abs(v) for v in correlation.lag1)
-    if lag1 <= config.noise_correlation_threshold:
-        return "white"
-    if (lag1 > config.noise_correlation_max_lag1
-            or correlation.far_correlation > config.noise_correlation_max_far * lag1):
-        return "structured"
-    return "correlated"
+    return correlation.status(config.noise_correlation_threshold,
+                              config.noise_correlation_max_lag1, config.noise_correlation_max_far)
 
 
 _SCORE_INVALID = ("EDGE", "NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")
