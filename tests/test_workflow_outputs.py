@@ -22,7 +22,7 @@ from diffim_dask.workflow.catalog import catalog_part_name, read_catalog, write_
 from diffim_dask.workflow.manifest import ManifestEntry, load_manifest, resolve_path
 from diffim_dask.workflow.outputs import OutputTree
 from diffim_dask.workflow.pipeline import load_pipeline
-from diffim_dask.workflow.run import load_unit_record, run_survey, task_pipeline, unit_record_name
+from diffim_dask.workflow.run import load_unit_record, run_survey, unit_record_name
 from diffim_dask.workflow.simulated_survey import simulate_survey_to_disk
 
 SIZE = 256
@@ -198,11 +198,6 @@ def test_output_tree_refuses_names_outside_the_root(tmp_path):
     assert tree.read_json("units/a.json") == {"v": 3, "f": 0.5}
     assert tree.read_json("units/none.json") is None and tree.is_local
     assert OutputTree(f"file://{tmp_path}/out").is_local
-
-
-def test_task_pipeline_keeps_settings_outside_workers():
-    pipeline = load_pipeline("alard-lupton")
-    assert task_pipeline(pipeline) is pipeline
 
 
 def test_cli_refuses_a_process_local_memory_output(tmp_path, capsys):

@@ -370,8 +370,9 @@ class AlardLuptonConfig(ConfigBase):
         "slower and ~40% more memory at 4k x 4k, agreement ~1e-12.",
         choices=("float32", "float64"))
     fft_workers: int = config_field(
-        0, "Threads used by each FFT; 0 = automatic: all cores for numpy-backed inputs, 1 for "
-        "dask-backed inputs (the scheduler already runs chunks in parallel).", minimum=0)
+        0, "Threads used by each FFT; 0 = automatic: all available cores for numpy-backed "
+        "inputs, 1 for dask-backed inputs or inside a Dask worker (the scheduler already runs "
+        "chunks and units in parallel).", minimum=0)
     basis: KernelBasisConfig = config_field(
         doc="Kernel basis.", default_factory=KernelBasisConfig)
     sources: KernelSourceConfig = config_field(

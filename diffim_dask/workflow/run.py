@@ -18,9 +18,9 @@ errors are classified (:mod:`diffim_dask.errors`):
 
 Inside a task, any Dask computation of the stage (lazy Zarr reads, chunked
 filters, Zarr writes) runs on the synchronous scheduler in the task's own
-thread, and the FFT thread count is one per task when the task runs on a
-Dask worker (:func:`task_pipeline`): the cluster's parallelism is its worker
-threads. Without this a worker would ship every nested computation, pixels
+thread, and automatic thread counts (FFT workers, ZOGY tiles, detection) are
+one per task on a Dask worker (:func:`diffim_dask._parallel.default_threads`):
+the cluster's parallelism is its worker threads. Without this a worker would ship every nested computation, pixels
 included, back through the scheduler ("Sending large graph" warnings) and a
 single-threaded worker would use every core of its machine.
 
@@ -57,7 +57,7 @@ from .outputs import OutputTree
 from .pipeline import PipelineConfig
 
 __all__ = ["UnitFailure", "build_unit_graph", "pipeline_node", "run_survey", "unit_record_path", "load_unit_record",
-           "unit_record_name", "RunResult", "task_pipeline", "in_task_scheduler", "subtract_exposures",
+           "unit_record_name", "RunResult", "in_task_scheduler", "subtract_exposures",
            "read_fits_input"]
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,6 @@ def _stage(name: str):
     return decorate
 
 
-def _on_dask_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def in_task_scheduler():
     """Run the Dask computations made inside a stage in this thread.
@@ -132,27 +122,6 @@ def in_task_scheduler():
 
     with dask.config.set(scheduler="synchronous"):
         yield
-
-
-def task_pipeline(pipeline: PipelineConfig) -> PipelineConfig:
-    """The pipeline as one task should run it: one FFT thread per task on a Dask worker.
-
-    Automatic FFT threading (``alard_lupton.fft_workers = 0``, ``zogy.workers
-    = 0``) uses every core of the machine for numpy inputs, which is right for a
-    single process but oversubscribes a worker whose threads already run one
-    unit each. Explicit settings are kept. (BLAS and OpenMP pools are limited
-    by the worker's environment: the Dask nanny starts every worker process
-    with ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS``
-    set to 1, its ``distributed.nanny.pre-spawn-environ`` default.)
-    """
-    if not _on_dask_worker():
-        return pipeline
-    changes: dict[str, Any] = {}
-    if pipeline.alard_lupton.fft_workers == 0:
-        changes["alard_lupton"] = pipeline.alard_lupton.replace(fft_workers=1)
-    if pipeline.zogy and int(pipeline.zogy.get("workers", 0) or 0) == 0:
-        changes["zogy"] = {**pipeline.zogy, "workers": 1}
-    return pipeline.replace(**changes) if changes else pipeline
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +218,7 @@ def _assemble_template(state: dict[str, Any], templates: str, pipeline: Pipeline
 
 @_stage("subtract")
 def _subtract(state: dict[str, Any], pipeline: PipelineConfig) -> dict[str, Any]:
-    result = subtract_exposures(state["science"], state["template"], task_pipeline(pipeline))
+    result = subtract_exposures(state["science"], state["template"], pipeline)
     return {"science": state["science"], "subtraction": result, "timings": state.get("timings", {}),
             "injection": state.get("injection"), "cosmic_rays": state.get("cosmic_rays")}
 
