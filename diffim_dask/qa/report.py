@@ -385,6 +385,21 @@ def _interval_errors(table: pd.DataFrame) -> np.ndarray:
                    0.0, None)
 
 
+def _draw_completeness(ax, centre, table, grid, fit, marker_label) -> None:
+    """Binned completeness with Wilson error bars, the fitted logistic curve on ``grid`` and
+    its 50 % / 90 % points (``marker_label(x)`` is the text beside each)."""
+    if len(table):
+        ax.errorbar(centre, table["completeness"], yerr=_interval_errors(table), fmt="o",
+                    color="tab:blue", ms=4, label="binned (68% Wilson)")
+    if fit is None:
+        return
+    ax.plot(grid, fit(grid), color="tab:orange", label="logistic fit")
+    for q, x in ((0.5, fit.x50), (0.9, fit.x90)):
+        if math.isfinite(x):
+            ax.axvline(x, color="grey", ls=":", lw=1)
+            ax.text(x, q, f" {q:.0%} at {marker_label(x)}", fontsize=7, va="bottom")
+
+
 def _magnitude_panel(ax, summary) -> None:
     """Completeness vs injected AB magnitude: 0.25-mag bins and the fitted curve."""
     from .completeness import completeness_table
@@ -394,16 +409,8 @@ def _magnitude_panel(ax, summary) -> None:
     good = np.isfinite(mags)
     lo, hi = math.floor(mags[good].min() * 4) / 4, math.ceil(mags[good].max() * 4) / 4 + 0.25
     table = completeness_table(mags[good], found[good], np.arange(lo, hi + 1e-9, 0.25))
-    centre = 0.5 * (table["lo"] + table["hi"])
-    ax.errorbar(centre, table["completeness"],
-                yerr=_interval_errors(table), fmt="o", color="tab:blue", ms=4,
-                label="binned (68% Wilson)")
-    grid = np.linspace(lo, hi, 200)
-    ax.plot(grid, summary.fit_mag(grid), color="tab:orange", label="logistic fit")
-    for q, x in ((0.5, summary.fit_mag.x50), (0.9, summary.fit_mag.x90)):
-        if math.isfinite(x):
-            ax.axvline(x, color="grey", ls=":", lw=1)
-            ax.text(x, q, f" {q:.0%} at {x:.2f}", fontsize=7, va="bottom")
+    _draw_completeness(ax, 0.5 * (table["lo"] + table["hi"]), table, np.linspace(lo, hi, 200),
+                       summary.fit_mag, lambda x: f"{x:.2f}")
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("injected magnitude (AB)")
     ax.set_ylabel("completeness")
@@ -416,18 +423,13 @@ def _completeness_figure(summary) -> str:
     fig = _figure(4.5 * n_panels, 3.4)
     ax = fig.add_subplot(1, n_panels, 1)
     table = summary.table
-    if len(table):
-        ax.errorbar(table["centre"], table["completeness"], yerr=_interval_errors(table),
-                    fmt="o", color="tab:blue", ms=4, label="binned (68% Wilson)")
+    grid = None
     if summary.fit is not None:
         lo = max(float(np.nanmin(summary.matched["expected_snr"])) * 0.8, 0.5)
         hi = float(np.nanmax(summary.matched["expected_snr"])) * 1.2
         grid = np.geomspace(lo, hi, 200)
-        ax.plot(grid, summary.fit(grid), color="tab:orange", label="logistic fit")
-        for q, x in ((0.5, summary.fit.x50), (0.9, summary.fit.x90)):
-            if math.isfinite(x):
-                ax.axvline(x, color="grey", ls=":", lw=1)
-                ax.text(x, q, f" {q:.0%} at S/N {x:.1f}", fontsize=7, va="bottom")
+    _draw_completeness(ax, table["centre"] if len(table) else None, table, grid, summary.fit,
+                       lambda x: f"S/N {x:.1f}")
     ax.axvline(5.8, color="tab:red", ls="--", lw=0.8, label="anchor 50% (S/N 5.8)")
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
