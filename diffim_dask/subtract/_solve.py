@@ -59,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from scipy.signal import fftconvolve
 
 from ._convolve import stamp_raw_convolutions
 from ._kernel_sources import _cutouts
@@ -324,11 +325,21 @@ class KernelFitter:
         Estimate of ``‖K‖²`` used in the residual variance ``V_Y + V_X ‖K‖²``.
     threads : int
         Threads for the per-star fits (batches of stamps run concurrently).
+    reference_noise_filter : numpy.ndarray, optional
+        Filter ``f`` the reference's (white) pixel noise went through, e.g. the
+        preconvolution kernel of the score variant. The weighted least squares
+        still treats pixels as independent, but the stamp rejection limits
+        account for the correlation: a stamp's mean normalised residual has
+        ``(Σf)²/Σf²`` times the white variance, so its limit grows by the root
+        of that; a PSF-weighted residual flux ``Σ w r`` has variance
+        ``‖w ⋆ f‖² V / ‖f‖²`` instead of ``‖w‖² V``, so its error grows by
+        ``‖w ⋆ f‖ / (‖w‖ ‖f‖)``. ``None``: white noise.
     """
 
     def __init__(self, reference, convolved, var_reference, var_convolved, usable, basis,
                  kernel_spatial, background_spatial, config, basis_config, origin=(0, 0),
-                 reference_psf=None, kernel_norm2: float = 0.1, threads: int = 1):
+                 reference_psf=None, kernel_norm2: float = 0.1, threads: int = 1,
+                 reference_noise_filter=None):
         self.reference = reference
         self.convolved = convolved
         self.var_reference = var_reference
@@ -345,6 +356,7 @@ class KernelFitter:
         self.reference_psf = reference_psf
         self.kernel_norm2 = float(kernel_norm2)
         self.threads = max(1, int(threads))
+        self.reference_noise_filter = reference_noise_filter
         flat = basis.stamps.reshape(len(basis), -1)
         self._basis_gram = flat @ flat.T
 
@@ -352,6 +364,21 @@ class KernelFitter:
         """‖K‖² of the kernels with (local) coefficients ``alpha`` (``(n, m)``)."""
         coeff = alpha[:, :len(self.basis)]
         return np.einsum("ni,ij,nj->n", coeff, self._basis_gram, coeff)
+
+    def _correlation_scales(self, psf, fit_half) -> tuple[float, float]:
+        """(residual-mean limit factor, residual-flux error factor) of the noise filter."""
+        filt = self.reference_noise_filter
+        if filt is None:
+            return 1.0, 1.0
+        filt = np.asarray(filt, dtype=float)
+        norm2 = float((filt**2).sum())
+        mean_scale = float(np.sqrt(filt.sum() ** 2 / norm2))
+        if psf is None:
+            return mean_scale, 1.0
+        side = 2 * fit_half + 1
+        weights = psf.reshape(side, side)
+        correlated = float((fftconvolve(weights, filt[::-1, ::-1]) ** 2).sum())
+        return mean_scale, float(np.sqrt(correlated / (norm2 * (weights**2).sum())))
 
     def _psf_on(self, fit_half):
         """Reference PSF cropped or padded to the fit region, flattened."""
@@ -522,6 +549,8 @@ class KernelFitter:
         cells = table["cell"].to_numpy()
         psf = self._psf_on(fit_half) if self.reference_psf is not None else None
         psf_norm2 = float((psf**2).sum()) if psf is not None else None
+        mean_scale, flux_err_scale = self._correlation_scales(psf, fit_half)
+        mean_max = cfg.candidate_residual_mean_max * mean_scale
         moments = _Moments.empty(n, m)
         single = np.full((n, m), np.nan)
         fitted = np.zeros(n, bool)
@@ -562,14 +591,16 @@ class KernelFitter:
                 mean, std, _, _ = self.residual_stats(mom, np.nan_to_num(alpha), None)
                 res_mean[idx], res_std[idx] = mean, std
                 failed = bad | ~np.isfinite(mean) | ~np.isfinite(std)
-                poor = ~failed & ((np.abs(mean) > cfg.candidate_residual_mean_max)
+                poor = ~failed & ((np.abs(mean) > mean_max)
                                   | (std > cfg.candidate_residual_std_max))
                 reject(idx[failed], "rejected_singular")
                 reject(idx[poor], "rejected_single_residual")
 
         def assess(indices, coefficients, background):
             alpha = self.layout.local_parameters(coefficients, background, x[indices], y[indices])
-            return self.residual_stats(moments.take(indices), alpha, psf_norm2)
+            mean, std, snr, fraction = self.residual_stats(moments.take(indices), alpha,
+                                                           psf_norm2)
+            return mean, std, snr / flux_err_scale, fraction
 
         # Calibrate ‖K‖² of the residual noise model on the brightest stars first: the
         # Gaussian prior is far off for deconvolution (sharpening) kernels.
@@ -623,7 +654,7 @@ class KernelFitter:
                 moments.matrix[act_idx], moments.vector[act_idx], x[act_idx], y[act_idx])
             means, stds, snr, fraction = assess(act_idx, coefficients, background)
             spatial_mean[act_idx], spatial_std[act_idx], spatial_snr[act_idx] = means, stds, snr
-            poor = ~np.isfinite(means) | (np.abs(means) > cfg.candidate_residual_mean_max) | \
+            poor = ~np.isfinite(means) | (np.abs(means) > mean_max) | \
                 ~np.isfinite(stds) | (stds > cfg.candidate_residual_std_max)
             flux_bad = ~poor & (cfg.max_residual_flux_snr > 0) & (
                 np.abs(snr) > cfg.max_residual_flux_snr) & (

@@ -355,6 +355,8 @@ class _Matching:
     convolved_mask: np.ndarray
     reference_psf: np.ndarray
     extra_margin: int = 0
+    #: Filter the reference's pixel noise went through (score variant: the preconvolution).
+    reference_noise_filter: np.ndarray | None = None
 
 
 class _KernelFitting:
@@ -408,7 +410,8 @@ class _KernelFitting:
                             self.kernel_spatial, self.background_spatial, self.config.fit,
                             self.config.basis, self.prep.origin, reference_psf=m.reference_psf,
                             kernel_norm2=_kernel_norm2_estimate(self.basis),
-                            threads=self.prep.workers)
+                            threads=self.prep.workers,
+                            reference_noise_filter=m.reference_noise_filter)
 
     def usable_fraction(self) -> float:
         """Fraction of the pixels an all-pixels fit could use."""
@@ -1023,7 +1026,7 @@ def subtract_alard_lupton_preconvolved(science: Exposure, template: Exposure,
     matching = _Matching("convolveTemplate", reference, var_reference,
                          dilate_bits(sci.mask, pre_half, fill_bits), tmpl_filled, tmpl.variance,
                          tmpl.mask, fftconvolve(prep.science_psf_stamp, preconv),
-                         extra_margin=pre_half)
+                         extra_margin=pre_half, reference_noise_filter=preconv)
     basis, basis_info = make_basis(config.basis, prep.template_fwhm,
                                    prep.science_fwhm * math.sqrt(2.0))
     fitting = _KernelFitting(prep, config, basis, matching, sources, timer)
@@ -1105,8 +1108,8 @@ def _score_outputs(prep, config, solution, science, preconv, gate_science,
         difference = _apply.difference_image(pre_image, matched, source_masks, nodes=None,
                                              **common)
         variance_common = dict(origin=origin, spatial=kernel.spatial, scale_reference=1.0,
-                               scale_convolved=1.0, propagation=config.variance_propagation,
-                               **run)
+                               scale_convolved=1.0,
+                               propagation=config.score_variance_propagation, **run)
         diff_var = _apply.propagate_variance(sci_var, tmpl_var, source_masks, nodes=diff_nodes,
                                              **variance_common)
         if block_offset is not None:
