@@ -16,52 +16,11 @@ import dataclasses
 import math
 
 import numpy as np
-from astropy.wcs import WCS, Sip
+from astropy.wcs import WCS
+
+from ..template.skymap import tangent_wcs
 
 __all__ = ["tangent_wcs", "focal_plane_origins", "PatchInfo", "Tract", "make_tract"]
-
-
-def tangent_wcs(ra: float, dec: float, pixel_scale: float, reference_pixel: tuple[float, float], *,
-                rotation: float = 0.0, distortion: float = 0.0) -> WCS:
-    """A gnomonic (TAN) WCS, optionally with a radial cubic SIP distortion.
-
-    Parameters
-    ----------
-    ra, dec : float
-        Sky position (deg) of the reference pixel.
-    pixel_scale : float
-        arcsec per pixel.
-    reference_pixel : (float, float)
-        0-based ``(x, y)`` of the tangent point.
-    rotation : float
-        Rotation of the pixel grid (deg); 0 puts north along +y and east along −x.
-    distortion : float
-        SIP coefficient ``k`` of the radial cubic distortion: intermediate
-        pixel offsets are ``(u, v) (1 + k (u² + v²))`` with ``(u, v)`` the offsets
-        from the reference pixel.
-
-    Returns
-    -------
-    astropy.wcs.WCS
-    """
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"] if distortion else ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [ra, dec]
-    wcs.wcs.crpix = [reference_pixel[0] + 1.0, reference_pixel[1] + 1.0]
-    theta = math.radians(rotation)
-    scale = pixel_scale / 3600.0
-    wcs.wcs.cd = scale * np.array([[-math.cos(theta), math.sin(theta)],
-                                   [math.sin(theta), math.cos(theta)]])
-    wcs.wcs.cunit = ["deg", "deg"]
-    wcs.wcs.radesys = "ICRS"
-    if distortion:
-        a = np.zeros((4, 4))
-        b = np.zeros((4, 4))
-        a[3, 0] = a[1, 2] = distortion
-        b[2, 1] = b[0, 3] = distortion
-        wcs.sip = Sip(a, b, None, None, wcs.wcs.crpix)
-    wcs.wcs.set()
-    return wcs
 
 
 def focal_plane_origins(n_detectors: int, shape: tuple[int, int], gap: int) -> np.ndarray:

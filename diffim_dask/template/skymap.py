@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from astropy.wcs import WCS
+from astropy.wcs import WCS, Sip
 
 from ..config import ConfigBase, config_field
 from ..errors import BadInputDataError, ConfigurationError
@@ -67,6 +67,7 @@ __all__ = [
     "TractInfo",
     "PatchInfo",
     "skymap_from_dict",
+    "tangent_wcs",
 ]
 
 _SKYMAP_TYPE = "rings"
@@ -280,15 +281,45 @@ def _angular_distance(ra, dec, ra0, dec0) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(dot, -1.0, 1.0)))
 
 
-def _tan_wcs(ra: float, dec: float, pixel_scale: float, reference_pixel: tuple[float, float]) -> WCS:
+def tangent_wcs(ra: float, dec: float, pixel_scale: float, reference_pixel: tuple[float, float], *,
+                rotation: float = 0.0, distortion: float = 0.0) -> WCS:
+    """A gnomonic (TAN) WCS, optionally with a radial cubic SIP distortion.
+
+    Parameters
+    ----------
+    ra, dec : float
+        Sky position (deg) of the reference pixel.
+    pixel_scale : float
+        arcsec per pixel.
+    reference_pixel : (float, float)
+        0-based ``(x, y)`` of the tangent point.
+    rotation : float
+        Rotation of the pixel grid (deg); 0 puts north along +y and east along −x.
+    distortion : float
+        SIP coefficient ``k`` of the radial cubic distortion: intermediate
+        pixel offsets are ``(u, v) (1 + k (u² + v²))`` with ``(u, v)`` the offsets
+        from the reference pixel.
+
+    Returns
+    -------
+    astropy.wcs.WCS
+    """
     wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"] if distortion else ["RA---TAN", "DEC--TAN"]
     wcs.wcs.crval = [ra, dec]
     wcs.wcs.crpix = [reference_pixel[0] + 1.0, reference_pixel[1] + 1.0]
+    theta = math.radians(rotation)
     scale = pixel_scale / 3600.0
-    wcs.wcs.cd = np.array([[-scale, 0.0], [0.0, scale]])
+    wcs.wcs.cd = scale * np.array([[-math.cos(theta), math.sin(theta)],
+                                   [math.sin(theta), math.cos(theta)]])
     wcs.wcs.cunit = ["deg", "deg"]
     wcs.wcs.radesys = "ICRS"
+    if distortion:
+        a = np.zeros((4, 4))
+        b = np.zeros((4, 4))
+        a[3, 0] = a[1, 2] = distortion
+        b[2, 1] = b[0, 3] = distortion
+        wcs.sip = Sip(a, b, None, None, wcs.wcs.crpix)
     wcs.wcs.set()
     return wcs
 
@@ -464,7 +495,7 @@ class RingsSkyMap:
             dec_c = 0.5 * (dec_lo + dec_hi)
             ra_range = (start, start + width)
             dec_range = (dec_lo, dec_hi)
-            probe = _tan_wcs(ra_c, dec_c, c.pixel_scale, (0.0, 0.0))
+            probe = tangent_wcs(ra_c, dec_c, c.pixel_scale, (0.0, 0.0))
             t = np.linspace(0.0, 1.0, 33)
             ras = np.concatenate([start + t * width, start + t * width, np.full(33, start),
                                   np.full(33, start + width)])
@@ -478,7 +509,7 @@ class RingsSkyMap:
         n_x = max(1, int(math.ceil(2.0 * half_x / size)))
         n_y = max(1, int(math.ceil(2.0 * half_y / size)))
         nx, ny = n_x * size, n_y * size
-        wcs = _tan_wcs(ra_c, dec_c, c.pixel_scale, ((nx - 1) / 2.0, (ny - 1) / 2.0))
+        wcs = tangent_wcs(ra_c, dec_c, c.pixel_scale, ((nx - 1) / 2.0, (ny - 1) / 2.0))
         return TractInfo(id=tract_id, ring=ring, ra_center=float(ra_c), dec_center=float(dec_c),
                          ra_range=ra_range, dec_range=dec_range, wcs=wcs, shape=(ny, nx),
                          n_patches=(n_x, n_y), patch_inner_size=size, patch_border=c.patch_border)
