@@ -166,8 +166,9 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
         YAML path or a :class:`~diffim_dask.workflow.pipeline.PipelineConfig`):
         its method and subtraction config, and its detection config unless
         ``detection_config`` is given — the same calls as a survey run's
-        subtract and detect stages. Not combined with ``subtract`` or
-        ``subtraction_config``.
+        cosmic-ray, subtract and detect stages (cosmic rays are repaired once,
+        before any injection, and their counts join ``metrics``). Not combined
+        with ``subtract`` or ``subtraction_config``.
     known : pandas.DataFrame, optional
         Positions (``x``, ``y``) of real sources of the pair (e.g. a known
         variable star): DIA sources within ``radius`` of them are not false
@@ -199,6 +200,12 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
     subtract = subtract or _default_subtract(subtraction_config)
     science = science.compute()
     template = template.compute()
+    cosmic_rays = None
+    if pipeline is not None:
+        # As in a survey run: cosmic rays are repaired once, before any injection.
+        from ..workflow.run import repair_cosmic_rays
+
+        science, cosmic_rays = repair_cosmic_rays(science, pipeline)
     baseline_sub = subtract(science, template)
     baseline = _real(_detect(baseline_sub, science, detection_config).catalog)
     placement = _avoiding(science, [baseline, known], radius)
@@ -254,6 +261,8 @@ def run_injection_test(science: Exposure, template: Exposure, *, n_sources: int 
                     "n_baseline_sources": int(len(baseline)),
                     "sky_snr_std": float(batches["sky_snr_std"].mean()),
                     "noise_scale": float(batches["noise_scale"].mean())})
+    if cosmic_rays is not None:
+        metrics.update(cosmic_rays)
     calibrated = None
     scale = catalog["sky_snr_std"].to_numpy(float)
     if np.isfinite(scale).all() and len(catalog):
