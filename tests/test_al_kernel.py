@@ -162,6 +162,50 @@ def test_sparse_field_falls_back_to_all_pixels_with_clipping():
     assert np.std(img[sky] / np.sqrt(var[sky])) == pytest.approx(1.0, abs=0.05)
 
 
+def test_all_pixels_spatial_order_is_capped_by_the_number_of_stars():
+    # A shape that bends with position is constrained by point sources only: with ~20 stars
+    # (5 per spatial term) an all-pixels fit asked for order 2 (6 terms) keeps order 0; the
+    # rule is off with auto_stars_per_term = 0, and a star-rich field keeps order 2.
+    sparse = rendered_pair((256, 256), n_stars=14, shift=(0.3, -0.2), seed=1)
+    dense = rendered_pair((256, 256), n_stars=150, shift=(0.3, -0.2), seed=1)
+
+    def order_used(pair, per_term):
+        config = _config(fit={"spatial_kernel_order": 2},
+                         sources={"strategy": "all-pixels", "auto_stars_per_term": per_term})
+        meta = subtract_alard_lupton(pair.science, pair.template, config).metadata
+        assert meta["strategy"] == "all-pixels" and meta["spatial_kernel_order"] == 2
+        return meta["spatial_kernel_order_used"], meta["selection"]["n_selected"]
+
+    order, n_stars = order_used(sparse, 5)
+    assert n_stars < 15 and order == 0
+    assert order_used(sparse, 0)[0] == 2
+    order, n_stars = order_used(dense, 5)
+    assert n_stars >= 30 and order == 2
+
+
+def test_injected_neighbours_do_not_veto_kernel_stars():
+    # Dense injections (QA runs): a star is rejected only when an injected source sits on its
+    # core; elsewhere in its stamp the injected pixels get zero weight, and the quality gate
+    # does not count them as residual. Without that, 60 injections on 256² vetoed nearly every
+    # star and the kernel fell back to the PSF models.
+    from diffim_dask.qa import InjectionConfig, inject_sources
+
+    pair = rendered_pair((256, 256), n_stars=60, shift=(0.2, 0.1), seed=4)
+    config = _config(fit={"spatial_kernel_order": 1})
+    plain = subtract_alard_lupton(pair.science, pair.template, config).metadata
+    injected = inject_sources(pair.science, InjectionConfig(n_sources=60, snr_range=(10, 30), add_noise=False),
+                              seed=3)
+    result = subtract_alard_lupton(injected.exposure, pair.template, config)
+    meta = result.metadata
+    selection = meta["selection"]
+    assert selection["rejected_injected_neighbour"] > 0
+    assert selection["n_selected"] >= 0.5 * plain["selection"]["n_selected"]
+    assert meta["strategy"] == plain["strategy"]
+    assert meta["spatial_kernel_order_used"] == plain["spatial_kernel_order_used"]
+    assert meta["quality_gate"] == "passed"
+    assert result.kernel.kernel_sum() == pytest.approx(1.0, abs=0.02)
+
+
 def test_insufficient_sources_errors_say_why():
     pair = rendered_pair((192, 192), n_stars=4, seed=22)
     with pytest.raises(InsufficientKernelSourcesError, match="usable kernel stars") as info:

@@ -70,7 +70,8 @@ def _bad_in_boxes(masks, bits: int, iy, ix, half) -> np.ndarray:
 
 def select_stars(stats, image_bgsub, masks, exclude_bits: int, psf_stamp: np.ndarray,
                  fwhm: float, config, *, stamp_half: int, origin=(0, 0), positions=None,
-                 snr_scale: float = 1.0) -> tuple[pd.DataFrame, dict]:
+                 snr_scale: float = 1.0, core_bits: int = 0,
+                 core_half: int = 0) -> tuple[pd.DataFrame, dict]:
     """Select kernel stars.
 
     Parameters
@@ -82,7 +83,11 @@ def select_stars(stats, image_bgsub, masks, exclude_bits: int, psf_stamp: np.nda
     masks : sequence of numpy.ndarray
         Mask planes of both images.
     exclude_bits : int
-        A stamp touching any of these bits in any mask is rejected.
+        A stamp touching any of these bits in any mask is rejected (but see
+        ``core_bits``).
+    core_bits, core_half : int
+        Those of ``exclude_bits`` that reject a star only within ``core_half``
+        of its centre (the fit gives them zero weight elsewhere in the stamp).
     psf_stamp : numpy.ndarray
         PSF at the image centre.
     fwhm : float
@@ -134,8 +139,16 @@ def select_stars(stats, image_bgsub, masks, exclude_bits: int, psf_stamp: np.nda
     counts["rejected_snr"] = int((~in_range).sum())
     ix, iy, x, y, snr = ix[in_range], iy[in_range], x[in_range], y[in_range], snr[in_range]
 
-    masked = (_bad_in_boxes(masks, exclude_bits, iy, ix, stamp_half) if ix.size
-              else np.zeros(0, bool))
+    masked = np.zeros(ix.size, bool)
+    if ix.size:
+        masked = _bad_in_boxes(masks, exclude_bits & ~core_bits, iy, ix, stamp_half)
+        if exclude_bits & core_bits:
+            soft = _bad_in_boxes(masks, exclude_bits & core_bits, iy, ix,
+                                 min(core_half, stamp_half))
+            # Real stars lost only to a neighbouring injected source (not injected themselves).
+            own = _bad_in_boxes(masks, exclude_bits & core_bits, iy, ix, 0)
+            counts["rejected_injected_neighbour"] = int((soft & ~masked & ~own).sum())
+            masked |= soft
     counts["rejected_mask"] = int(masked.sum())
     keep = ~masked
     ix, iy, x, y, snr = ix[keep], iy[keep], x[keep], y[keep], snr[keep]

@@ -370,8 +370,14 @@ class _KernelFitting:
         self.fit_half = basis.size  # fit region (2 size + 1)² keeps the kernel reach inside
         stamp_half = self.fit_half + half + matching.extra_margin
         self.exclude = mask_value(scfg.exclude_mask_planes)
+        # Injected sources (QA runs) reject a kernel star only near its core; elsewhere in its
+        # stamp they get zero weight (_star_usable), so dense injections leave stars to fit.
+        self.soft = self.exclude & mask_value(("INJECTED", "INJECTED_TEMPLATE"))
+        # (A star whose aperture flux they bias fails the flux-ratio test instead.)
+        core_half = int(math.ceil(max(prep.science_fwhm, prep.template_fwhm)))
         box = (prep.origin[0], prep.origin[0] + prep.shape[1] - 1,
                prep.origin[1], prep.origin[1] + prep.shape[0] - 1)
+        self.box = box
         self.kernel_spatial = ChebyshevBasis2D(config.fit.spatial_kernel_order, box)
         self.background_spatial = ChebyshevBasis2D(config.fit.spatial_background_order, box)
         with single_blas_thread():
@@ -381,7 +387,8 @@ class _KernelFitting:
                 stats, self.science_bgsub, (matching.reference_mask, matching.convolved_mask),
                 self.exclude, prep.science_psf_stamp, prep.science_fwhm, scfg,
                 stamp_half=stamp_half, origin=prep.origin,
-                positions=_parse_sources(sources, prep.origin), snr_scale=prep.science_snr_scale)
+                positions=_parse_sources(sources, prep.origin), snr_scale=prep.science_snr_scale,
+                core_bits=self.soft, core_half=core_half)
             if len(stars):
                 tstats = prep.template_stats
                 template_bgsub = _BgSub(prep.tmpl.image, tstats.background, tstats.good)
@@ -396,9 +403,48 @@ class _KernelFitting:
         self.stars, self.counts = stars, counts
         self._fitter = None
         self._usable = None
+        self._star_usable = self._soft_usable(
+            int(math.ceil(max(prep.science_fwhm, prep.template_fwhm))))
         timer.lap("kernel_sources")
 
-    def fitter(self, need_usable: bool) -> KernelFitter:
+    def _soft_usable(self, grow: int) -> np.ndarray | None:
+        """Star-fit pixel weights: zero on (grown) injected pixels; ``None`` without any."""
+        m = self.matching
+        soft = MASK_DTYPE(self.soft)
+        bad_reference = (m.reference_mask & soft) != 0
+        bad_convolved = (m.convolved_mask & soft) != 0
+        if not (bad_reference.any() or bad_convolved.any()):
+            return None
+        # Grown by a FWHM (INJECTED covers the cores only), and on the convolved image by the
+        # kernel's reach as well.
+        return ~grow_flags(bad_reference, grow) & ~grow_flags(
+            bad_convolved, grow + self.basis.half_width)
+
+    def all_pixels_spatial(self) -> ChebyshevBasis2D:
+        """Kernel spatial basis of an all-pixels fit, constrained by the image's stars.
+
+        An all-pixels fit sees every pixel, but only point sources tell it how
+        the kernel's shape varies: with a handful of stars a 2nd-order kernel
+        bends locally around a variable or transient and absorbs part of it
+        (on the 256² DECam frames, 9 stars: the variable's significance fell
+        from 18 to 12). The order is lowered until each spatial term has
+        ``auto_stars_per_term`` selected stars (0: no cap), the rule the
+        'auto' strategy already applies to star fits.
+        """
+        order = self.config.fit.spatial_kernel_order
+        per_term = self.config.sources.auto_stars_per_term
+        # Stars lost to injected neighbours still count: an injection run keeps the order of
+        # the run without injections.
+        n_stars = len(self.stars) + self.counts.get("rejected_injected_neighbour", 0)
+        if per_term > 0:
+            while order > 0 and per_term * (order + 1) * (order + 2) // 2 > n_stars:
+                order -= 1
+        if order == self.kernel_spatial.order:
+            return self.kernel_spatial
+        return ChebyshevBasis2D(order, self.box)
+
+    def fitter(self, need_usable: bool, kernel_spatial: ChebyshevBasis2D | None = None
+               ) -> KernelFitter:
         m = self.matching
         if need_usable and self._usable is None:
             # Good reference pixel and convolved image good over the kernel footprint.
@@ -406,9 +452,10 @@ class _KernelFitting:
             bad_convolved = (m.convolved_mask & MASK_DTYPE(self.exclude)) != 0
             self._usable = ~bad_reference & ~grow_flags(bad_convolved, self.basis.half_width)
         return KernelFitter(m.reference, m.convolved, m.var_reference, m.var_convolved,
-                            self._usable if need_usable else None, self.basis,
-                            self.kernel_spatial, self.background_spatial, self.config.fit,
-                            self.config.basis, self.prep.origin, reference_psf=m.reference_psf,
+                            self._usable if need_usable else self._star_usable, self.basis,
+                            kernel_spatial or self.kernel_spatial, self.background_spatial,
+                            self.config.fit, self.config.basis, self.prep.origin,
+                            reference_psf=m.reference_psf,
                             kernel_norm2=_kernel_norm2_estimate(self.basis),
                             threads=self.prep.workers,
                             reference_noise_filter=m.reference_noise_filter)
@@ -480,8 +527,8 @@ class _KernelFitting:
                 iy, ix, tile_half = tile_grid(self.prep.shape, self.config.sources.tile_size,
                                               self.basis.half_width)
                 try:
-                    solution = self.fitter(True).fit_all_pixels(iy, ix, tile_half,
-                                                                self.config.sources)
+                    solution = self.fitter(True, self.all_pixels_spatial()).fit_all_pixels(
+                        iy, ix, tile_half, self.config.sources)
                 except FitFailure as exc:
                     failures.append(f"all-pixels: {exc}")
                     counts.update(exc.metadata)
@@ -826,14 +873,27 @@ def _gate_metrics(prep, config, gate_planes, science_bgsub: _BgSub, stars) -> di
     threshold = config.sources.detection_threshold / prep.science_snr_scale
     snr = _cutouts(prep.science_stats.snr, iy, ix, half) if iy.size else empty
     noise = np.sqrt(2.0 / np.pi) * np.sqrt(np.clip(var_stamps, 0, None))
-    ratios = footprint_residual_ratios(np.abs(stamps), np.abs(science),
-                                       shape[None] & (snr > threshold), noise)
+    footprints = shape[None] & (snr > threshold)
+    injected = _injected_pixels(prep)
+    if injected is not None and iy.size:
+        # Injected sources (QA runs) near a star are real signal in the difference, not residual.
+        footprints &= ~_cutouts(injected, iy, ix, half)
+    ratios = footprint_residual_ratios(np.abs(stamps), np.abs(science), footprints, noise)
     ratios = ratios[np.isfinite(ratios)]
     mean = float(ratios.mean()) if ratios.size else float("nan")
     std = float(ratios.std()) if ratios.size > 1 else 0.0
     failed = bool(ratios.size) and (mean > qcfg.max_ratio_mean or std > qcfg.max_ratio_std)
     return {"footprint_ratio_mean": mean, "footprint_ratio_std": std,
             "footprint_ratio_n": int(ratios.size), "quality_gate": "failed" if failed else "passed"}
+
+
+def _injected_pixels(prep) -> np.ndarray | None:
+    """INJECTED pixels of either input grown by a FWHM (they mark the cores only); ``None``."""
+    bits = MASK_DTYPE(mask_value(("INJECTED", "INJECTED_TEMPLATE")))
+    flagged = ((prep.sci.mask & bits) != 0) | ((prep.tmpl.mask & bits) != 0)
+    if not flagged.any():
+        return None
+    return grow_flags(flagged, int(math.ceil(max(prep.science_fwhm, prep.template_fwhm))))
 
 
 def _check_gate(config, metrics: dict) -> None:
@@ -1192,6 +1252,8 @@ def _base_metadata(prep, config, base_info, solution) -> dict:
         "template_variance_scale_method": (prep.template_scale.method if prep.template_scale
                                            else "none"),
         "spatial_kernel_order": config.fit.spatial_kernel_order,
+        # Lower for an all-pixels fit with few stars (_KernelFitting.all_pixels_spatial).
+        "spatial_kernel_order_used": int(solution.kernel.spatial.order),
         "spatial_background_order": config.fit.spatial_background_order,
         "fft_precision": config.fft_precision,
         "fft_workers": prep.workers,

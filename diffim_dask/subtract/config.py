@@ -151,7 +151,10 @@ class KernelSourceConfig(ConfigBase):
         10, "'auto' strategy: use stars when at least this many are usable.", minimum=1)
     auto_stars_per_term: int = config_field(
         5, "'auto' strategy: also require this many usable stars per spatial kernel term "
-        "(3 terms for order 1), so the spatial variation is constrained by stars.", minimum=0)
+        "(3 terms for order 1), so the spatial variation is constrained by stars. An "
+        "all-pixels fit (any strategy) lowers the spatial kernel order until each term has "
+        "this many selected stars, so a kernel shape constrained by a handful of stars cannot "
+        "bend around a variable or transient; 0 disables both rules.", minimum=0)
     auto_psf_model_below: int = config_field(
         3, "'auto' strategy: with fewer usable kernel stars than this (a small cut-out, or an "
         "empty field) the kernel matches the two PSF models instead of being fitted on all "

@@ -230,7 +230,9 @@ def recommended_pipeline(method: str = "alard-lupton") -> PipelineConfig:
       (library and anchor default: 1). Survey PSFs vary quadratically across a
       detector (focus, field curvature); on the simulated 2048² pair with ±15 %
       PSF variation, order 1 leaves 27 false 5σ detections and order 2 leaves 1
-      (tests/test_al_quality.py);
+      (tests/test_al_quality.py). An all-pixels fit on a frame with few stars
+      lowers it until each spatial term has ``auto_stars_per_term`` stars
+      (on a 256² DECam frame with ~10 stars: order 0);
     - the direction is ``auto`` (library and anchor default: convolveTemplate).
       A survey meets visits with better seeing than its template coadd; matching
       a broader template to a sharper science image is a deconvolution, which left
