@@ -189,3 +189,35 @@ def test_decam_single_exposure_keeps_the_variable_with_the_shipped_pipeline(deca
     assert 6000 < flux < 8500
     z = img / np.sqrt(np.where(var > 0, var, np.inf))
     assert 0.9 < robust_sigma(z[30:-30, 30:-30]) < 1.1
+
+
+@pytest.mark.parametrize("science_file", ["Stack-DEC-OBS04.fits", "DEC-OBS04a.mini.fits"])
+def test_decam_score_variant(decam_dir, science_file, record_property):
+    """The preconvolution (score) variant on the real pair, with the shipped pipeline's config.
+
+    Measured: score robust σ 1.11 (stack) and 1.10 (single exposure) over the interior sky
+    (the plain difference's PSF-scale significance: 1.02 and 1.05); the variable's score
+    peak 23.8 and 17.3.
+    """
+    from diffim_dask.subtract import subtract_alard_lupton_preconvolved
+    from diffim_dask.workflow.pipeline import recommended_pipeline
+
+    io = pytest.importorskip("diffim_dask.io")
+    science = io.read_exposure(decam_dir / science_file)
+    template = io.read_exposure(decam_dir / "Stack-DEC-OBS18.fits")
+    science = science.replace(psf=estimate_psf(science).psf)
+    template = template.replace(psf=estimate_psf(template).psf)
+    result = subtract_alard_lupton_preconvolved(science, template,
+                                                recommended_pipeline().alard_lupton)
+    score, _, mask = result.score.arrays()
+    yy, xx = np.mgrid[:score.shape[0], :score.shape[1]]
+    sky = (mask == 0) & (np.hypot(xx - VARIABLE[0], yy - VARIABLE[1]) > 10)
+    sky[:30] = sky[-30:] = False
+    sky[:, :30] = sky[:, -30:] = False
+    sigma = robust_sigma(score[sky])
+    record_property(f"decam_score_robust_sigma_{science_file}", round(float(sigma), 3))
+    assert 0.9 < sigma < 1.2
+    box = score[124:133, 125:134]
+    peak_y, peak_x = np.unravel_index(np.argmax(box), box.shape)
+    assert np.hypot(125 + peak_x - VARIABLE[0], 124 + peak_y - VARIABLE[1]) <= 1.0
+    assert box.max() / sigma > 12
