@@ -8,15 +8,17 @@ Pairs
     ``--seeds`` pairs from :func:`diffim_dask.simulate.simulate_pair` (``--size``², template
     FWHM ``--template-fwhm`` (2.5 px), science ``--science-fwhm`` (3.5 px) varying by 15 %,
     a random sub-pixel misregistration per seed, ``--transients`` transients at S/N 5–8).
-    The shipped pipeline (``recommended_pipeline()``) runs both methods with detection at
-    4σ, so each method's catalogue can be cut at any higher threshold afterwards.
+    The shipped pipeline (``recommended_pipeline()``) runs both methods; each difference is
+    then detected at every threshold of a grid (4.0 to 6.5σ in steps of 0.25). Detection is
+    rerun per threshold rather than cutting one low-threshold catalogue, because at a lower
+    threshold footprints merge and move centroids.
 
 Counting
     A detection within 2 px of a transient finds it (each transient counts once); one within
     2 px of a variable star is real and ignored; one within 30 px of a saturated star is
     ignored (the issue's "away from saturated stars"); every other detection is false. For
-    each plain threshold (4.5–5.5σ) the score threshold is the lowest one that gives no more
-    false detections than the plain one, and the found transients are compared there.
+    each plain threshold (4.5–5.5σ) the score threshold is the lowest grid value that gives
+    no more false detections than the plain one, and the found transients are compared there.
 
 Outputs (``--out``, default ``benchmarks/results/compare_score_plain``): ``.json`` with the
 table and the per-seed counts; the table is printed.
@@ -40,6 +42,7 @@ from scipy.spatial import cKDTree
 from _harness import machine
 
 PLAIN_THRESHOLDS = (4.5, 4.75, 5.0, 5.25, 5.5)
+GRID = tuple(4.0 + 0.25 * i for i in range(11))
 
 
 def _classify(catalog, truth) -> dict:
@@ -67,8 +70,6 @@ def _run_seed(seed: int, args) -> dict:
     from diffim_dask.workflow.pipeline import recommended_pipeline
 
     pipeline = recommended_pipeline("alard-lupton")
-    detection = pipeline.detection.replace(
-        detection=pipeline.detection.detection.replace(threshold=4.0))
     misregistration = tuple(np.random.default_rng(seed).uniform(-0.5, 0.5, 2))
     pair = simulate_pair((args.size, args.size), template_fwhm=args.template_fwhm,
                          science_fwhm=args.science_fwhm, misregistration=misregistration,
@@ -83,43 +84,45 @@ def _run_seed(seed: int, args) -> dict:
             result = subtract_alard_lupton_preconvolved(pair.science, pair.template,
                                                         config=pipeline.alard_lupton)
             score = result.score
-        catalog = detect_and_measure(result.difference, science=pair.science,
-                                     matched_template=result.matched_image, score=score,
-                                     config=detection).catalog
-        classified = _classify(catalog, pair.truth)
-        classified["transient"] = np.where(classified["transient"] >= 0,
-                                           classified["transient"] + seed * 100_000, -1)
-        out[method] = classified
+        out[method] = {}
+        for threshold in GRID:
+            config = pipeline.detection.replace(
+                detection=pipeline.detection.detection.replace(threshold=threshold))
+            catalog = detect_and_measure(result.difference, science=pair.science,
+                                         matched_template=result.matched_image, score=score,
+                                         config=config).catalog
+            classified = _classify(catalog, pair.truth)
+            classified["transient"] = np.where(classified["transient"] >= 0,
+                                               classified["transient"] + seed * 100_000, -1)
+            out[method][threshold] = classified
     out["n_transients"] = int((pair.truth["kind"] == "transient").sum())
     return out
 
 
-def _found(rows: dict, threshold: float) -> int:
-    hit = (rows["transient"] >= 0) & (rows["snr"] >= threshold)
-    return int(np.unique(rows["transient"][hit]).size)
+def _found(rows: dict) -> int:
+    return int(np.unique(rows["transient"][rows["transient"] >= 0]).size)
 
 
-def _false(rows: dict, threshold: float) -> int:
-    return int((rows["false"] & (rows["snr"] >= threshold)).sum())
+def _false(rows: dict) -> int:
+    return int(rows["false"].sum())
 
 
 def compare(runs: list[dict]) -> list[dict]:
     """Found transients of both methods at equal false-detection counts."""
-    merged = {m: {k: np.concatenate([r[m][k] for r in runs]) for k in runs[0][m]}
-              for m in ("plain", "score")}
-    plain, score = merged["plain"], merged["score"]
-    false_score = np.sort(score["snr"][score["false"]])[::-1]
+    counts = {method: {threshold: (sum(_found(r[method][threshold]) for r in runs),
+                                   sum(_false(r[method][threshold]) for r in runs))
+                       for threshold in GRID} for method in ("plain", "score")}
     table = []
     for threshold in PLAIN_THRESHOLDS:
-        n_false = _false(plain, threshold)
-        score_threshold = 4.0 if false_score.size <= n_false else float(
-            np.nextafter(false_score[n_false], np.inf))
-        table.append({"plain_threshold": threshold, "plain_found": _found(plain, threshold),
-                      "plain_false": n_false, "score_threshold": score_threshold,
-                      "score_found": _found(score, score_threshold),
-                      "score_false": _false(score, score_threshold),
-                      "score_found_at_same_threshold": _found(score, threshold),
-                      "score_false_at_same_threshold": _false(score, threshold)})
+        plain_found, plain_false = counts["plain"][threshold]
+        allowed = [t for t in GRID if counts["score"][t][1] <= plain_false]
+        score_threshold = min(allowed) if allowed else max(GRID)
+        table.append({"plain_threshold": threshold, "plain_found": plain_found,
+                      "plain_false": plain_false, "score_threshold": score_threshold,
+                      "score_found": counts["score"][score_threshold][0],
+                      "score_false": counts["score"][score_threshold][1],
+                      "score_found_at_same_threshold": counts["score"][threshold][0],
+                      "score_false_at_same_threshold": counts["score"][threshold][1]})
     return table
 
 
@@ -136,8 +139,8 @@ def main(argv=None) -> None:
     runs = []
     for seed in range(1, args.seeds + 1):
         runs.append(_run_seed(seed, args))
-        print(f"seed {seed}: plain found {_found(runs[-1]['plain'], 5.0)}, "
-              f"score {_found(runs[-1]['score'], 5.0)} at 5σ", flush=True)
+        print(f"seed {seed}: plain found {_found(runs[-1]['plain'][5.0])}, "
+              f"score {_found(runs[-1]['score'][5.0])} at 5σ", flush=True)
     table = compare(runs)
     n_transients = sum(r["n_transients"] for r in runs)
     print(f"\n{n_transients} transients (S/N 5-8) on {args.seeds} pairs of {args.size}², "
