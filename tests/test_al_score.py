@@ -141,9 +141,9 @@ def test_score_finds_more_faint_transients_at_equal_false_rate_with_a_broader_te
     # (optimal matched filter of the same data), so the score has no edge there and that
     # case is not asserted: on the 2048² pair (FWHM 2.5 / 3.5 ± 15 %, misregistered,
     # recommended_pipeline()) benchmarks/compare_score_plain.py measures, over 16 seeds x
-    # 400 transients, plain 4989 found at 5σ with 46 false, score 4718 at the same false
-    # count (4939 at 5σ with 63 false); a transient's score peak is 1.0006 x its plain
-    # significance (median).
+    # 400 transients, plain 4976 found at 5σ with 46 false, score 4582 at no more false
+    # (5.25σ; 4930 at 5σ with 67 false: a few more bright-star residuals); a transient's
+    # score peak is 1.0006 x its plain significance (median).
     from diffim_dask.detect import DetectAndMeasureConfig
     from diffim_dask.simulate import simulate_pair
 
