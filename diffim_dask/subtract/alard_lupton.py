@@ -359,6 +359,10 @@ class _Matching:
     reference_noise_filter: np.ndarray | None = None
 
 
+#: Mask planes of injected sources (QA runs), in either input.
+_INJECTED_BITS = mask_value(("INJECTED", "INJECTED_TEMPLATE"))
+
+
 class _KernelFitting:
     """Kernel sources and the fit strategies (stars, all-pixels) for one matching problem."""
 
@@ -372,9 +376,9 @@ class _KernelFitting:
         self.exclude = mask_value(scfg.exclude_mask_planes)
         # Injected sources (QA runs) reject a kernel star only near its core; elsewhere in its
         # stamp they get zero weight (_star_usable), so dense injections leave stars to fit.
-        self.soft = self.exclude & mask_value(("INJECTED", "INJECTED_TEMPLATE"))
         # (A star whose aperture flux they bias fails the flux-ratio test instead.)
-        core_half = int(math.ceil(max(prep.science_fwhm, prep.template_fwhm)))
+        self.soft = self.exclude & _INJECTED_BITS
+        halo = int(math.ceil(max(prep.science_fwhm, prep.template_fwhm)))
         box = (prep.origin[0], prep.origin[0] + prep.shape[1] - 1,
                prep.origin[1], prep.origin[1] + prep.shape[0] - 1)
         self.box = box
@@ -388,7 +392,7 @@ class _KernelFitting:
                 self.exclude, prep.science_psf_stamp, prep.science_fwhm, scfg,
                 stamp_half=stamp_half, origin=prep.origin,
                 positions=_parse_sources(sources, prep.origin), snr_scale=prep.science_snr_scale,
-                core_bits=self.soft, core_half=core_half)
+                core_bits=self.soft, core_half=halo)
             if len(stars):
                 tstats = prep.template_stats
                 template_bgsub = _BgSub(prep.tmpl.image, tstats.background, tstats.good)
@@ -403,22 +407,16 @@ class _KernelFitting:
         self.stars, self.counts = stars, counts
         self._fitter = None
         self._usable = None
-        self._star_usable = self._soft_usable(
-            int(math.ceil(max(prep.science_fwhm, prep.template_fwhm))))
+        # Injected pixels grown by a FWHM (INJECTED marks the cores only), per input: their
+        # union is what the quality gate ignores (``injected``); the star fits give zero weight
+        # to the excluded ones, on the convolved image over the kernel's reach as well.
+        masks = (matching.reference_mask, matching.convolved_mask)
+        grown = _grown_flags(masks, _INJECTED_BITS, halo)
+        self.injected = None if grown is None else grown[0] | grown[1]
+        soft = grown if self.soft == _INJECTED_BITS else _grown_flags(masks, self.soft, halo)
+        self._star_usable = None if soft is None else (
+            ~soft[0] & ~grow_flags(soft[1], self.basis.half_width))
         timer.lap("kernel_sources")
-
-    def _soft_usable(self, grow: int) -> np.ndarray | None:
-        """Star-fit pixel weights: zero on (grown) injected pixels; ``None`` without any."""
-        m = self.matching
-        soft = MASK_DTYPE(self.soft)
-        bad_reference = (m.reference_mask & soft) != 0
-        bad_convolved = (m.convolved_mask & soft) != 0
-        if not (bad_reference.any() or bad_convolved.any()):
-            return None
-        # Grown by a FWHM (INJECTED covers the cores only), and on the convolved image by the
-        # kernel's reach as well.
-        return ~grow_flags(bad_reference, grow) & ~grow_flags(
-            bad_convolved, grow + self.basis.half_width)
 
     def all_pixels_spatial(self) -> ChebyshevBasis2D:
         """Kernel spatial basis of an all-pixels fit, constrained by the image's stars.
@@ -453,7 +451,8 @@ class _KernelFitting:
             self._usable = ~bad_reference & ~grow_flags(bad_convolved, self.basis.half_width)
         return KernelFitter(m.reference, m.convolved, m.var_reference, m.var_convolved,
                             self._usable if need_usable else self._star_usable, self.basis,
-                            kernel_spatial or self.kernel_spatial, self.background_spatial,
+                            self.kernel_spatial if kernel_spatial is None else kernel_spatial,
+                            self.background_spatial,
                             self.config.fit, self.config.basis, self.prep.origin,
                             reference_psf=m.reference_psf,
                             kernel_norm2=_kernel_norm2_estimate(self.basis),
@@ -845,7 +844,8 @@ def _gate_planes(difference, variance, pipeline, sources, reach: int, shape):
     return evaluate
 
 
-def _gate_metrics(prep, config, gate_planes, science_bgsub: _BgSub, stars) -> dict:
+def _gate_metrics(prep, config, gate_planes, science_bgsub: _BgSub, stars,
+                  injected: np.ndarray | None = None) -> dict:
     """Footprint residual ratio (anchor §9.1) on the kernel stars.
 
     The anchor subtracts the typical sky ``|D|``; here the expected ``|D|`` of
@@ -874,7 +874,6 @@ def _gate_metrics(prep, config, gate_planes, science_bgsub: _BgSub, stars) -> di
     snr = _cutouts(prep.science_stats.snr, iy, ix, half) if iy.size else empty
     noise = np.sqrt(2.0 / np.pi) * np.sqrt(np.clip(var_stamps, 0, None))
     footprints = shape[None] & (snr > threshold)
-    injected = _injected_pixels(prep)
     if injected is not None and iy.size:
         # Injected sources (QA runs) near a star are real signal in the difference, not residual.
         footprints &= ~_cutouts(injected, iy, ix, half)
@@ -887,13 +886,12 @@ def _gate_metrics(prep, config, gate_planes, science_bgsub: _BgSub, stars) -> di
             "footprint_ratio_n": int(ratios.size), "quality_gate": "failed" if failed else "passed"}
 
 
-def _injected_pixels(prep) -> np.ndarray | None:
-    """INJECTED pixels of either input grown by a FWHM (they mark the cores only); ``None``."""
-    bits = MASK_DTYPE(mask_value(("INJECTED", "INJECTED_TEMPLATE")))
-    flagged = ((prep.sci.mask & bits) != 0) | ((prep.tmpl.mask & bits) != 0)
-    if not flagged.any():
+def _grown_flags(masks, bits: int, half: int) -> list[np.ndarray] | None:
+    """Per mask, the pixels with any of ``bits`` grown by ``half``; ``None`` if none is set."""
+    flagged = [(mask & MASK_DTYPE(bits)) != 0 for mask in masks]
+    if not any(f.any() for f in flagged):
         return None
-    return grow_flags(flagged, int(math.ceil(max(prep.science_fwhm, prep.template_fwhm))))
+    return [grow_flags(f, half) for f in flagged]
 
 
 def _check_gate(config, metrics: dict) -> None:
@@ -945,7 +943,7 @@ def _run(prep, config, fitting: _KernelFitting, build, timer, base_info) -> Subt
     outputs = build(solution)
     timer.lap("apply")
     metrics = _gate_metrics(prep, config, outputs.gate_planes, outputs.gate_science,
-                            fitting.gate_stars(solution))
+                            fitting.gate_stars(solution), fitting.injected)
     retry = {}
     if (metrics["quality_gate"] == "failed" and config.sources.strategy == "auto"
             and solution.metadata["strategy"] == "stars"):
@@ -957,7 +955,8 @@ def _run(prep, config, fitting: _KernelFitting, build, timer, base_info) -> Subt
         if alternative is not None:
             alt_outputs = build(alternative)
             alt_metrics = _gate_metrics(prep, config, alt_outputs.gate_planes,
-                                        alt_outputs.gate_science, fitting.gate_stars(solution))
+                                        alt_outputs.gate_science, fitting.gate_stars(solution),
+                                        fitting.injected)
             retry = {"gate_retry": "all-pixels",
                      "gate_retry_stars_ratio": metrics["footprint_ratio_mean"]}
             if alt_metrics["footprint_ratio_mean"] < metrics["footprint_ratio_mean"]:
